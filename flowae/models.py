@@ -1,0 +1,162 @@
+"""Model variants: the seed's convolutional autoencoder and latent classifier, by name.
+
+`VARIANTS` is the registry (name -> ModelConfig); `build_model` turns a config into a FlowAE
+module with `encoder`, `decoder` and `classifier`. Layers follow ../shared/SEED.md exactly,
+except that the seed's NumPy upsample (which cut the gradient) is a traceable nn.Upsample.
+Imports torch and the runtime contract only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from flowae.runtime.contract import DEFAULT_IMAGE_SIZE_PX, NUM_CLASSES
+from flowae.runtime.errors import FlowaeError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; saved in every checkpoint."""
+
+    name: str  # registry name, e.g. "upsample"
+    decoder: str = "base"  # "base" (big padded convolutions) or "upsample" (2x nearest + conv)
+    batchnorm: bool = False  # BatchNorm after every convolution (and after the hidden Linear)
+    dropout: bool = False  # the seed's three dropouts in the classifier
+    image_size_px: int = DEFAULT_IMAGE_SIZE_PX  # square input side
+    num_classes: int = NUM_CLASSES
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return cls(**data)
+
+
+VARIANTS: dict[str, ModelConfig] = {
+    "base": ModelConfig("base"),
+    "bn": ModelConfig("bn", batchnorm=True),
+    "bn-dropout": ModelConfig("bn-dropout", batchnorm=True, dropout=True),
+    "upsample": ModelConfig("upsample", decoder="upsample", batchnorm=True, dropout=True),
+}
+
+
+def get_variant(name: str) -> ModelConfig:
+    if name not in VARIANTS:
+        raise FlowaeError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def conv_block(
+    in_ch: int, out_ch: int, kernel: int, padding: int, batchnorm: bool, act: nn.Module
+) -> list[nn.Module]:
+    """Conv2d(stride 1) [+ BatchNorm2d] + activation, as every seed layer is built."""
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel, 1, padding)]
+    if batchnorm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(act)
+    return layers
+
+
+class Encoder(nn.Sequential):
+    """LeNet-5 sized encoder: (B, 3, 100, 100) -> latent (B, 16, 22, 22)."""
+
+    def __init__(self, batchnorm: bool):
+        super().__init__(
+            *conv_block(3, 6, 5, 0, batchnorm, nn.ReLU()),  # (B, 6, 96, 96)
+            nn.MaxPool2d(2, 2),  # (B, 6, 48, 48)
+            *conv_block(6, 16, 5, 0, batchnorm, nn.ReLU()),  # (B, 16, 44, 44)
+            nn.MaxPool2d(2, 2),  # (B, 16, 22, 22)
+        )
+
+
+class BaseDecoder(nn.Sequential):
+    """Grows the map with zero-padded convolutions: 22 -> 34 -> 46 -> 58 -> 70 -> 82 -> 100."""
+
+    def __init__(self, batchnorm: bool):
+        super().__init__(
+            *conv_block(16, 16, 13, 12, batchnorm, nn.ReLU()),  # (B, 16, 34, 34)
+            *conv_block(16, 16, 13, 12, batchnorm, nn.ReLU()),  # (B, 16, 46, 46)
+            *conv_block(16, 6, 13, 12, batchnorm, nn.ReLU()),  # (B, 6, 58, 58)
+            *conv_block(6, 6, 13, 12, batchnorm, nn.ReLU()),  # (B, 6, 70, 70)
+            *conv_block(6, 6, 13, 12, batchnorm, nn.ReLU()),  # (B, 6, 82, 82)
+            *conv_block(6, 3, 19, 18, batchnorm, nn.Tanh()),  # (B, 3, 100, 100)
+        )
+
+
+class UpsampleDecoder(nn.Sequential):
+    """2x nearest upsampling and padded convolutions: 22 -> 44 -> 48 -> 96 -> 100.
+
+    nn.Upsample keeps the graph differentiable (the encoder learns from the reconstruction
+    loss) and exports as a single ONNX Resize.
+    """
+
+    def __init__(self, batchnorm: bool):
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="nearest"),  # (B, 16, 44, 44)
+            *conv_block(16, 6, 5, 4, batchnorm, nn.ReLU()),  # (B, 6, 48, 48)
+            nn.Upsample(scale_factor=2, mode="nearest"),  # (B, 6, 96, 96)
+            *conv_block(6, 3, 5, 4, batchnorm, nn.Tanh()),  # (B, 3, 100, 100)
+        )
+
+
+class Classifier(nn.Sequential):
+    """Latent (B, 16, 22, 22) -> (B, num_classes) logits."""
+
+    def __init__(self, batchnorm: bool, dropout: bool, num_classes: int):
+        def maybe(flag: bool, module: nn.Module) -> list[nn.Module]:
+            return [module] if flag else []
+
+        super().__init__(
+            *conv_block(16, 32, 3, 0, batchnorm, nn.ReLU()),  # (B, 32, 20, 20)
+            nn.MaxPool2d(2, 2),  # (B, 32, 10, 10)
+            *maybe(dropout, nn.Dropout2d(0.2)),
+            *conv_block(32, 64, 3, 0, batchnorm, nn.ReLU()),  # (B, 64, 8, 8)
+            nn.MaxPool2d(2, 2),  # (B, 64, 4, 4)
+            nn.Flatten(),  # (B, 1024)
+            *maybe(dropout, nn.Dropout(0.5)),
+            nn.Linear(1024, 512),
+            *maybe(batchnorm, nn.BatchNorm1d(512)),
+            nn.ReLU(),
+            *maybe(dropout, nn.Dropout(0.25)),
+            nn.Linear(512, num_classes),
+        )
+
+
+class FlowAE(nn.Module):
+    """Encoder, decoder and classifier of one variant."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.image_size_px != DEFAULT_IMAGE_SIZE_PX:
+            raise FlowaeError(
+                f"variant {config.name!r}: the seed layers need {DEFAULT_IMAGE_SIZE_PX} px "
+                f"inputs, got {config.image_size_px}"
+            )
+        self.config = config
+        self.encoder = Encoder(config.batchnorm)
+        decoders = {"base": BaseDecoder, "upsample": UpsampleDecoder}
+        if config.decoder not in decoders:
+            raise FlowaeError(f"unknown decoder {config.decoder!r}; expected {list(decoders)}")
+        self.decoder = decoders[config.decoder](config.batchnorm)
+        self.classifier = Classifier(config.batchnorm, config.dropout, config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, latent); the decoder runs separately, as in deployment."""
+        latent = self.encoder(images)  # (B, 16, 22, 22)
+        return self.classifier(latent), latent
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = ((self.config.image_size_px - 4) // 2 - 4) // 2  # two (5x5 conv, 2x2 pool)
+        return (16, side, side)
+
+
+def build_model(config: ModelConfig) -> FlowAE:
+    return FlowAE(config)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

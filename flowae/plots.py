@@ -1,0 +1,89 @@
+"""The seed's figures for a run: loss curves, accuracy per epoch, test reconstructions.
+
+Imports matplotlib (Agg, no display) and torch; called by the training loop on rank 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flowae.data import TensorSplit, to_float, to_uint8
+from flowae.runtime.contract import Preprocess
+
+LOSS_PLOT = "loss.png"
+ACCURACY_PLOT = "accuracy.png"
+RECONSTRUCTION_PLOT = "reconstructions.png"
+NUM_SHOWN = 10
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_curves(run_dir: Path, history: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    titles = ("phase 1: autoencoder (MSE)", "phase 2: classifier (cross-entropy)")
+    for ax, phase, title in zip(axes, ("ae", "cls"), titles, strict=True):
+        rows = history[phase]
+        epochs = [r["epoch"] for r in rows]
+        ax.plot(epochs, [r["train_loss"] for r in rows], label="train")
+        val_key = "val_recon_mse" if phase == "ae" else "val_loss"
+        ax.plot(epochs, [r[val_key] for r in rows], label="val")
+        ax.set(title=title, xlabel="epoch", ylabel="loss")
+        ax.legend()
+    _save(fig, run_dir / LOSS_PLOT)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = history["cls"]
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["train_top1"] for r in rows], label="train top-1")
+    ax.plot(epochs, [r["val_top1"] for r in rows], label="val top-1")
+    ax.plot(epochs, [r["val_top5"] for r in rows], label="val top-5", linestyle="--")
+    ax.set(title="accuracy per epoch (phase 2)", xlabel="epoch", ylabel="%")
+    ax.legend()
+    _save(fig, run_dir / ACCURACY_PLOT)
+
+
+@torch.no_grad()
+def plot_reconstructions(run_dir: Path, model, split: TensorSplit, preprocess: Preprocess,
+                         device: torch.device) -> None:
+    """10 fixed test images (evenly spaced through the split) above their reconstructions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = torch.linspace(0, len(split) - 1, NUM_SHOWN).round().long()
+    images = to_float(split.images[index].to(device), preprocess)
+    was_training = model.training
+    model.eval()
+    reconstructions = model.decoder(model.encoder(images))
+    model.train(was_training)
+    rows = (split.images[index], to_uint8(reconstructions.float().cpu(), preprocess))
+    fig, axes = plt.subplots(2, NUM_SHOWN, figsize=(NUM_SHOWN * 1.3, 2.9))
+    for row, (batch, label) in enumerate(zip(rows, ("input", "output"), strict=True)):
+        for col in range(NUM_SHOWN):
+            axes[row, col].imshow(batch[col].permute(1, 2, 0).numpy())
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+        axes[row, 0].set_ylabel(label)
+    _save(fig, run_dir / RECONSTRUCTION_PLOT)
+
+
+def save_plots(run_dir: Path, history: dict, model, test: TensorSplit, preprocess: Preprocess,
+               device: torch.device) -> None:
+    if history["ae"] and history["cls"]:
+        plot_curves(run_dir, history)
+    plot_reconstructions(run_dir, model, test, preprocess, device)
