@@ -22,16 +22,24 @@ METADATA_KEY = "flowae"
 # Graph roles and their tensor names. Layout is NCHW float32 everywhere.
 ROLE_ENCODER_CLASSIFIER = "encoder_classifier"
 ROLE_DECODER = "decoder"
-GRAPH_FILES = {
-    ROLE_ENCODER_CLASSIFIER: "encoder_classifier.onnx",
-    ROLE_DECODER: "decoder.onnx",
-}
+# Weight precisions an export may write; fp32 is the reference every other one is checked on.
+PRECISIONS = ("fp32", "int8", "fp16")
+MANIFEST_NAME = "manifest.json"  # export's report in a model directory (see flowae.export)
+MANIFEST_RECOMMENDED = "recommended_precision"  # manifest key: the precision to serve by default
 INPUT_IMAGE = "image"  # (B, 3, H, W), scaled as Preprocess says
 OUTPUT_LOGITS = "logits"  # (B, NUM_CLASSES)
 OUTPUT_LATENT = "latent"  # (B, C, h, w), the encoder's code
 INPUT_LATENT = "latent"  # decoder input, same tensor as OUTPUT_LATENT
 OUTPUT_RECONSTRUCTION = "reconstruction"  # (B, 3, H, W) in [-1, 1]
 BATCH_AXIS = "batch"  # name of the dynamic first axis of every input and output
+
+
+def graph_file(role: str, precision: str = "fp32") -> str:
+    """File name of a graph inside a model directory: `decoder.onnx`, `decoder.int8.onnx`."""
+    if role not in GRAPH_IO or precision not in PRECISIONS:
+        raise ContractError(f"no graph file for role {role!r} in precision {precision!r}")
+    return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
+
 
 GRAPH_IO = {
     ROLE_ENCODER_CLASSIFIER: ((INPUT_IMAGE,), (OUTPUT_LOGITS, OUTPUT_LATENT)),
