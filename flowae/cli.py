@@ -7,6 +7,7 @@ message and exit code 1.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import click
@@ -20,6 +21,13 @@ from flowae.train import TrainConfig, train
 _D = TrainConfig()  # the defaults live in the dataclass alone
 
 
+def _finite(ctx, param, value: float) -> float:
+    # FloatRange lets nan and inf through; either would train into NaN weights.
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default="upsample",
               help="Model variant from the registry.")
@@ -31,7 +39,8 @@ _D = TrainConfig()  # the defaults live in the dataclass alone
 @click.option("--ae-epochs", type=click.IntRange(min=0), default=_D.ae_epochs)
 @click.option("--cls-epochs", type=click.IntRange(min=0), default=_D.cls_epochs)
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_D.lr)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_D.lr,
+              callback=_finite)
 @click.option("--seed", type=int, default=_D.seed)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D.device)
 @click.option("--augment/--no-augment", default=_D.augment,
@@ -70,3 +79,7 @@ def main(variant, data_root, download, run_dir, ae_epochs, cls_epochs, batch_siz
     click.echo(f"{variant}: test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  "
                f"recon MSE {test['recon_mse']:.4f}  train {metrics['train_seconds']:.0f} s  "
                f"-> {run_dir}")
+
+
+if __name__ == "__main__":  # `python -m flowae.cli`, e.g. under `python -m torch.distributed.run`
+    main()

@@ -85,7 +85,10 @@ def download(root: Path) -> None:
 
 def split_files(root: Path, split: str) -> SplitFiles:
     """Read the official split and labels as torchvision's Flowers102 does (labels 0..101)."""
+    import zlib
+
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -98,8 +101,12 @@ def split_files(root: Path, split: str) -> SplitFiles:
         image_labels = loadmat(str(base / "imagelabels.mat"), squeeze_me=True)
         ids = np.atleast_1d(set_ids[_SPLIT_KEYS[split]]).astype(int).tolist()
         all_labels = np.atleast_1d(image_labels["labels"]).astype(int)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(_missing_message(root, f"split/label files unreadable: {exc}")) from exc
+    # loadmat reports a damaged file with any of these (truncated: OSError, IndexError,
+    # MatReadError; a flipped byte in the compressed original files: zlib.error).
+    except (OSError, ValueError, KeyError, TypeError, IndexError, MatReadError,
+            zlib.error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(_missing_message(root, f"split/label files unreadable: {reason}")) from exc
     paths = tuple(images_dir / f"image_{i:05d}.jpg" for i in ids)
     try:
         labels = tuple(int(all_labels[i - 1]) - 1 for i in ids)

@@ -28,6 +28,8 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_curves(run_dir: Path, history: dict) -> None:
+    """Loss curves of both phases (a phase run for 0 epochs shows an empty panel) and, when
+    phase 2 ran, accuracy per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,12 +43,14 @@ def plot_curves(run_dir: Path, history: dict) -> None:
         ax.plot(epochs, [r["train_loss"] for r in rows], label="train")
         val_key = "val_recon_mse" if phase == "ae" else "val_loss"
         ax.plot(epochs, [r[val_key] for r in rows], label="val")
-        ax.set(title=title, xlabel="epoch", ylabel="loss")
+        ax.set(title=title if rows else f"{title}: not run", xlabel="epoch", ylabel="loss")
         ax.legend()
     _save(fig, run_dir / LOSS_PLOT)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     rows = history["cls"]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in rows]
     ax.plot(epochs, [r["train_top1"] for r in rows], label="train top-1")
     ax.plot(epochs, [r["val_top1"] for r in rows], label="val top-1")
@@ -84,6 +88,6 @@ def plot_reconstructions(run_dir: Path, model, split: TensorSplit, preprocess: P
 
 def save_plots(run_dir: Path, history: dict, model, test: TensorSplit, preprocess: Preprocess,
                device: torch.device) -> None:
-    if history["ae"] and history["cls"]:
+    if history["ae"] or history["cls"]:  # e.g. --ae-epochs 0 still gets its loss curves
         plot_curves(run_dir, history)
     plot_reconstructions(run_dir, model, test, preprocess, device)

@@ -5,7 +5,10 @@ Rules, the same for training and the device runtime:
 - Modes with alpha (RGBA, LA, PA, P with transparency) are composited over white.
 - 16/32-bit grayscale (I;16, I, F) keeps its top 8 bits (values / 256, clipped to 0..255).
 - Everything else (1, L, P, CMYK, YCbCr, LAB, HSV) goes through Pillow's convert("RGB").
-Pillow's decompression-bomb limit stays in force. Imports Pillow and numpy only.
+- NumPy arrays are uint8 (H, W) grayscale, (H, W, 3) RGB or (H, W, 4) RGBA, then as above.
+Pillow's decompression-bomb limit stays in force. The optional reduced-size JPEG decode
+(`draft_px`) lets libjpeg scale by 1/2, 1/4 or 1/8 while keeping both sides >= draft_px.
+Imports Pillow, numpy and the runtime's errors only.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from flowae.runtime.errors import ImageError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 _WHITE = (255, 255, 255)
+_ARRAY_MODES = {2: "L", 3: "RGB", 4: "RGBA"}  # channels of an (H, W[, C]) uint8 array -> mode
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,16 +45,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(source: str | os.PathLike | Image.Image) -> Image.Image:
-    """Open a path (or take a PIL image) and return a fully decoded RGB image.
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """A uint8 (H, W), (H, W, 3) or (H, W, 4) array as a PIL image (L, RGB or RGBA)."""
+    if array.dtype != np.uint8:
+        raise ImageError(f"array image must be uint8 (0..255), got {array.dtype}")
+    channels = 2 if array.ndim == 2 else (array.shape[2] if array.ndim == 3 else 0)
+    if channels not in _ARRAY_MODES or (channels == 2 and array.ndim != 2):
+        raise ImageError(
+            f"array image must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
+        )
+    return Image.fromarray(np.ascontiguousarray(array), mode=_ARRAY_MODES[channels])
 
+
+def draft_scale(size: tuple[int, int], draft_px: int) -> int:
+    """The JPEG scale denominator (1, 2, 4 or 8) Pillow's draft picks for (draft_px, draft_px)."""
+    ratio = min(size[0] // draft_px, size[1] // draft_px)
+    return next(s for s in (8, 4, 2, 1) if ratio >= s)
+
+
+def load_rgb(
+    source: str | os.PathLike | Image.Image | np.ndarray, *, draft_px: int | None = None
+) -> Image.Image:
+    """Open a path (or take a PIL image or array) and return a fully decoded RGB image.
+
+    With `draft_px`, a JPEG file is decoded at the smallest 1/2, 1/4 or 1/8 scale whose
+    sides are still >= draft_px (faster, slightly different pixels); other inputs ignore it.
     Raises ImageError with a one-line reason for anything that is not a usable image.
     """
+    if isinstance(source, np.ndarray):
+        source = array_to_image(source)
     if isinstance(source, Image.Image):
         try:
             return to_rgb(source)
         except (OSError, ValueError) as exc:
             raise ImageError(f"image cannot be converted to RGB: {exc}") from exc
+    if not isinstance(source, str | os.PathLike):
+        raise ImageError(
+            f"expected a path, PIL image or uint8 array, got {type(source).__name__}"
+        )
     path = Path(source)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -60,6 +92,8 @@ def load_rgb(source: str | os.PathLike | Image.Image) -> Image.Image:
         raise ImageError(f"{path}: empty file (0 bytes)")
     try:
         with Image.open(path) as image:
+            if draft_px is not None and image.format == "JPEG":
+                image.draft(None, (draft_px, draft_px))
             image.load()
             rgb = to_rgb(image)
             return rgb.copy() if rgb is image else rgb  # `image` is closed on leaving

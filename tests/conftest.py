@@ -3,15 +3,39 @@ tiny seeded training run (one epoch per phase on the fake data) to export and se
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 SHARED = REPO.parent / "shared"
 REAL_ROOT = SHARED / "flowers102"
 FULLRES_ROOT = SHARED / "flowers102-fullres"
+
+
+def _import_installed_flowae() -> None:
+    """Make `flowae` the installed package, not the tests/flowae/ folder.
+
+    pytest's default (prepend) import mode puts tests/ on sys.path to import this file. The
+    editable install's finder comes after the path finder, so a plain `import flowae` would then
+    find tests/flowae/ as a namespace package (no __init__, no __version__) whenever the repo
+    root is not on sys.path too (`.venv/bin/pytest`, unlike `python -m pytest`). Importing the
+    package once with tests/ off sys.path pins the real one in sys.modules.
+    """
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != TESTS]
+    try:
+        import flowae
+    finally:
+        sys.path[:] = saved
+    if not hasattr(flowae, "__version__"):
+        raise ImportError(f"flowae resolved to {list(flowae.__path__)}, not the installed package")
+
+
+_import_installed_flowae()
 
 FAKE_SPLIT_SIZES = {"trnid": 12, "valid": 8, "tstid": 10}
 
@@ -30,7 +54,8 @@ def write_fake_flowers102(root: Path, seed: int = 0, sizes: dict | None = None) 
     for i in range(1, total + 1):
         h, w = int(rng.integers(100, 180)), int(rng.integers(100, 180))
         # A smooth colour field whose hue follows the label, plus noise: learnable, cheap.
-        tint = np.array([labels[i - 1] * 2.5, 255 - labels[i - 1] * 2.5, (labels[i - 1] * 37) % 255])
+        label = labels[i - 1]
+        tint = np.array([label * 2.5, 255 - label * 2.5, (label * 37) % 255])
         pixels = tint + rng.normal(0, 25, size=(h, w, 3))
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
             base / "jpg" / f"image_{i:05d}.jpg", quality=90)
@@ -44,6 +69,36 @@ def write_fake_flowers102(root: Path, seed: int = 0, sizes: dict | None = None) 
 @pytest.fixture(scope="session")
 def fake_root(tmp_path_factory) -> Path:
     return write_fake_flowers102(tmp_path_factory.mktemp("fake_flowers102"))
+
+
+@pytest.fixture(scope="session")
+def make_fake_root(tmp_path_factory):
+    """Factory for a fresh fake Flowers102 folder: other split sizes (keys as in setid.mat,
+    e.g. {"trnid": 4, "valid": 2, "tstid": 2}) or a copy a test may damage. Tests take it as a
+    fixture rather than importing this file: with another conftest.py loaded (tests/runtime/
+    has one), `from conftest import ...` can resolve to that module instead of this one."""
+
+    def make(sizes: dict | None = None, seed: int = 0) -> Path:
+        return write_fake_flowers102(tmp_path_factory.mktemp("fake_flowers102"), seed, sizes)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Run a module's torch work on one intra-op thread, then restore the setting.
+
+    On a machine whose cores are shared (this project's has 2 for several people), two OpenMP
+    threads spin-wait on each other and the tiny batches of the training tests run 5-20x
+    slower than on one. Results do not depend on it: every comparison in those tests is
+    between runs made under the same setting.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,139 @@
+"""Runs under torchrun: DistInfo for a plain run, and `flowae-train` under
+`torch.distributed.run --nproc_per_node=2` (gloo, CPU) on a fake dataset, compared with the same
+run in one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flowae import distributed
+from flowae.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
+from flowae.distributed import DistInfo
+from flowae.models import get_variant
+from flowae.plots import ACCURACY_PLOT, LOSS_PLOT, RECONSTRUCTION_PLOT
+from flowae.train import METRICS_NAME, TrainConfig, train
+
+# `base` has no BatchNorm and no dropout, so with equal shards DDP's averaged gradient is the
+# full batch's gradient: 4 training images in global batches of 2 are two Adam steps per epoch
+# of 1 image per process, and a 2-process run must train like a 1-process one. (Tiny because
+# the base decoder's 13x13 convolutions are the slowest part of the suite.)
+SIZES = {"trnid": 4, "valid": 2, "tstid": 2}
+CONFIG = TrainConfig(ae_epochs=1, cls_epochs=1, batch_size=2, seed=0, device="cpu")
+CLI_ARGS = ["--variant", "base", "--ae-epochs", "1", "--cls-epochs", "1", "--batch-size", "2",
+            "--seed", "0", "--device", "cpu", "--no-progress"]
+RUN_FILES = {CHECKPOINT_NAME, METRICS_NAME, LOSS_PLOT, ACCURACY_PLOT, RECONSTRUCTION_PLOT}
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def test_a_plain_run_is_a_world_of_one(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    info = distributed.init_from_env("cpu")
+    assert info == DistInfo() and info.is_main and info.world_size == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_from_env("auto") == DistInfo()
+    values = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert info.all_reduce_sum(values) is values  # nothing to reduce, no process group needed
+    info.barrier()
+    assert info.device(torch.device("cpu")) == torch.device("cpu")
+    assert not DistInfo(rank=1, world_size=2).is_main
+    distributed.shutdown(info)  # a no-op without a process group
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def ddp_root(make_fake_root):
+    return make_fake_root(SIZES)
+
+
+@pytest.fixture(scope="module")
+def torchrun(tmp_path_factory, ddp_root):
+    """flowae-train under torchrun, 2 CPU processes with gloo; returns (run_dir, process)."""
+    work = tmp_path_factory.mktemp("torchrun")
+    run_dir = work / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "flowae.cli", "--data-root", str(ddp_root),
+               "--out", str(run_dir), *CLI_ARGS]
+    # The timeout only guards against a deadlocked process group hanging the suite.
+    process = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+    return run_dir, process
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, ddp_root):
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    return run_dir, train(get_variant("base"), CONFIG, ddp_root, run_dir, progress=False)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_finish_and_write_the_results_once(torchrun):
+    run_dir, process = torchrun
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    summaries = [line for line in process.stdout.splitlines() if line.startswith("base: test")]
+    assert len(summaries) == 1, process.stdout  # rank 0 alone reports
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES  # nothing half-written is left
+
+    metrics = json.loads((run_dir / METRICS_NAME).read_text())
+    assert metrics["world_size"] == 2 and metrics["device"] == "cpu"
+    assert metrics["train_config"] == CONFIG.to_dict()
+    assert [row["epoch"] for row in metrics["history"]["ae"]] == [1]
+    assert [row["epoch"] for row in metrics["history"]["cls"]] == [1]
+    assert 0 <= metrics["test"]["top1"] <= metrics["test"]["top5"] <= 100
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint["progress"] == {"ae": 1, "cls": 1}
+    assert checkpoint["test"] == metrics["test"]
+    model_from_checkpoint(checkpoint)  # DDP's wrapper left no "module." prefix in the weights
+
+
+def relative_difference(left: dict, right: dict, prefix: str) -> tuple[float, float]:
+    """(||right - left|| / ||left||, fraction of elements differing by more than 1e-5)."""
+    keys = [k for k in left if k.startswith(prefix)]
+    a = torch.cat([left[k].flatten() for k in keys])
+    b = torch.cat([right[k].flatten() for k in keys])
+    return ((b - a).norm() / a.norm()).item(), ((b - a).abs() > 1e-5).float().mean().item()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="train.py seeds the shuffle per rank (_epoch_seed(..., dist.rank)), so the ranks "
+           "draw different orders and their shards overlap instead of partitioning each "
+           "global batch; fix: one shuffle seed for all ranks (see the report)",
+)
+def test_two_processes_train_like_one(torchrun, single_process):
+    """Same per-epoch numbers and the same weights as one process, within float32 noise.
+
+    The two runs sum the same terms in another order (two shards, then all-reduce), so numbers
+    agree to about 1e-7 relative, not bitwise. Phase 1 keeps that agreement (decoder: measured
+    < 1e-6 absolute). In phase 2 a few gradients are themselves float32 noise (~1e-8) and
+    Adam's g / (sqrt(v) + 1e-8) turns noise there into steps of up to lr. Measured here: 1-2 of
+    724,605 elements beyond 1e-5 (max 1.5e-5), relative L2 difference <= 1.3e-6 per part (a
+    larger variant of this run reached 2.8e-4 and 1.6%). Overlapping shards, the bug this
+    caught: train loss 23% off, 39% of elements beyond 1e-5, relative L2 4e-2 to 1e-1.
+    """
+    run_dir, process = torchrun
+    assert process.returncode == 0, process.stderr[-3000:]
+    ddp = json.loads((run_dir / METRICS_NAME).read_text())
+    single_dir, single = single_process
+    for phase in ("ae", "cls"):
+        for one, two in zip(single["history"][phase], ddp["history"][phase], strict=True):
+            for key in sorted(one.keys() - {"seconds"}):
+                assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (phase, key)
+    assert ddp["test"]["top1"] == single["test"]["top1"]
+    assert ddp["test"]["recon_mse"] == pytest.approx(single["test"]["recon_mse"], rel=1e-5)
+
+    one_weights = load_checkpoint(single_dir)["model"]
+    two_weights = load_checkpoint(run_dir)["model"]
+    for key in (k for k in one_weights if k.startswith("decoder.")):  # phase 1 only
+        torch.testing.assert_close(two_weights[key], one_weights[key], rtol=0, atol=1e-5)
+    for part in ("encoder.", "decoder.", "classifier."):
+        l2, beyond = relative_difference(one_weights, two_weights, part)
+        assert l2 <= 2e-3, (part, l2)
+        assert beyond <= 0.05, (part, beyond)
