@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import click
+
 from flowae.runtime.contract import PRECISIONS
 from flowae.runtime.errors import FlowaeError
 from flowae.runtime.predictor import (

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from flowae.runtime.errors import DataError
 from flowae.runtime.images import draft_scale
 from flowae.runtime.predictor import Predictor, ProgressFn
-from PIL import Image
 
 # torchvision's Flowers102 layout: ROOT/flowers-102/{jpg/, imagelabels.mat, setid.mat}.
 FLOWERS102_FOLDER = "flowers-102"

@@ -17,8 +17,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flowae.runtime.errors import ImageError
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from flowae.runtime.errors import ImageError
 
 _WHITE = (255, 255, 255)
 _ARRAY_MODES = {2: "L", 3: "RGB", 4: "RGBA"}  # channels of an (H, W[, C]) uint8 array -> mode

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
+
 from flowae.runtime.contract import (
     GRAPH_IO,
     MANIFEST_NAME,
@@ -37,7 +39,6 @@ from flowae.runtime.contract import (
 )
 from flowae.runtime.errors import ContractError, FlowaeError, ImageError, ModelLoadError
 from flowae.runtime.preprocess import ImageSource, denormalize, describe, load_pixels, normalize
-from PIL import Image
 
 # Package data: where an installed flowae keeps the model it serves without --model.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"

@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
+
 from flowae.runtime.contract import Preprocess
 from flowae.runtime.errors import ContractError, ImageError
 from flowae.runtime.images import load_rgb
-from PIL import Image
 
 # A 1x1 or 4x4 image is a few colours: the model would still answer, confidently and wrongly.
 MIN_SIDE_PX = 8

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+
 from flowae.runtime.contract import (
     BATCH_AXIS,
     GRAPH_IO,

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from flowae.runtime.contract import CONTRACT_VERSION, ROLE_DECODER, ROLE_ENCODER_CLASSIFIER
 from flowae.runtime.contract import graph_file as graph_name
 from flowae.runtime.errors import ContractError, ImageError, ModelLoadError
 from flowae.runtime.predictor import Predictor, expand_inputs, load_graph
-from PIL import Image
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
+
 from flowae.runtime.cli import main
 from flowae.runtime.contract import CLASS_NAMES, ROLE_ENCODER_CLASSIFIER, graph_file
-from PIL import Image
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flowae.runtime.errors import DataError
-from flowae.runtime.evaluate import flowers102_split, fullres_files, read_mat, score
-from flowae.runtime.images import load_rgb
 from scipy.io import loadmat, savemat
 
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
 from flowae.data import eval_transform, split_files, to_float
+from flowae.runtime.errors import DataError
+from flowae.runtime.evaluate import flowers102_split, fullres_files, read_mat, score
+from flowae.runtime.images import load_rgb
 
 PARITY = 1e-4  # logits may differ this much between onnxruntime and PyTorch
 

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from flowae.checkpoint import load_checkpoint, model_from_checkpoint
+from flowae.data import eval_transform, to_float, to_uint8
 from flowae.runtime import predictor as predictor_module
 from flowae.runtime.contract import (
     CLASS_NAMES,
@@ -26,10 +30,6 @@ from flowae.runtime.contract import (
 from flowae.runtime.errors import FlowaeError, ImageError, ModelLoadError
 from flowae.runtime.images import load_rgb
 from flowae.runtime.predictor import Prediction, Predictor, available_providers, resolve_model
-from PIL import Image
-
-from flowae.checkpoint import load_checkpoint, model_from_checkpoint
-from flowae.data import eval_transform, to_float, to_uint8
 
 REPO = Path(__file__).resolve().parents[2]
 LOGIT_TOLERANCE = 1e-4  # onnxruntime vs PyTorch, fp32 (the export issue's parity bound)

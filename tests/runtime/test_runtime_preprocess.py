@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
+
+from flowae.data import eval_transform, to_float
 from flowae.runtime.contract import Preprocess
 from flowae.runtime.errors import ImageError
 from flowae.runtime.images import draft_scale, load_rgb
@@ -16,9 +19,6 @@ from flowae.runtime.preprocess import (
     preprocess,
     resized_size,
 )
-from PIL import Image, ImageOps
-
-from flowae.data import eval_transform, to_float
 
 TOLERANCE = 1e-6  # the bound; in practice the two agree bit for bit
 
