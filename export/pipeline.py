@@ -32,7 +32,7 @@ from flowae.checkpoint import (
     model_from_checkpoint,
     resolve_checkpoint,
 )
-from flowae.data import SPLITS, load_split, to_float
+from flowae.data import DEFAULT_DATA_ROOT, SPLITS, load_split, preprocess_for, to_float
 from flowae.export import parity
 from flowae.export.onnx_export import (
     MIN_OPSET,
@@ -50,6 +50,8 @@ from flowae.export.quantize import quantize_int8, to_float16
 from flowae.models import FlowAE
 from flowae.runtime.contract import (
     CONTRACT_VERSION,
+    EXTRA_TEST_TOP1,
+    EXTRA_TEST_TOP5,
     GRAPH_IO,
     MANIFEST_NAME,
     MANIFEST_RECOMMENDED,
@@ -75,7 +77,7 @@ MODEL_FILE_MODE = 0o644  # temp files are created owner-only; model files are fo
 class ExportOptions:
     """Every default of `flowae-export`."""
 
-    data_root: Path = Path("data/flowers102")  # folder holding flowers-102/, as flowae-train
+    data_root: Path = DEFAULT_DATA_ROOT  # folder holding flowers-102/, as for flowae-train
     opset: int | None = None  # ONNX opset; None: the exporter's default
     int8: bool = False  # also write static QDQ int8 graphs
     fp16: bool = False  # also write float16 graphs (for GPU execution providers)
@@ -128,12 +130,6 @@ class ExportOptions:
             raise ExportError(f"latency rounds must be >= 1, got {self.latency_rounds}")
 
 
-def preprocess_for(model: FlowAE) -> Preprocess:
-    """The rule the model was trained with (flowae.train builds it the same way)."""
-    side = model.config.image_size_px
-    return Preprocess(image_size_px=side, resize_px=side)
-
-
 def _versions() -> dict:
     import onnx
 
@@ -152,12 +148,12 @@ class _Export:
     def __init__(self, model: FlowAE, payload: dict, checkpoint: Path, options: ExportOptions,
                  work: Path):
         self.model, self.options, self.work = model, options, work
-        self.preprocess = preprocess_for(model)
+        self.preprocess = preprocess_for(model.config)
         self.shapes = tensor_shapes(model)
         test = payload.get("test") or {}
         self.provenance = {
             "checkpoint_sha256": file_sha256(checkpoint),
-            "test_top1": test.get("top1"), "test_top5": test.get("top5"),
+            EXTRA_TEST_TOP1: test.get("top1"), EXTRA_TEST_TOP5: test.get("top5"),
             "exporter": EXPORTER, "rewrite_convs": options.rewrite_convs,
             "exported_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
@@ -288,8 +284,9 @@ def _manifest(export: _Export, checkpoint: Path, options: ExportOptions, accurac
         "contract_version": CONTRACT_VERSION,
         "variant": export.model.config.name,
         "checkpoint": {"path": str(checkpoint), "checkpoint_sha256":
-                       provenance["checkpoint_sha256"], "test_top1": provenance["test_top1"],
-                       "test_top5": provenance["test_top5"]},
+                       provenance["checkpoint_sha256"],
+                       "test_top1": provenance[EXTRA_TEST_TOP1],
+                       "test_top5": provenance[EXTRA_TEST_TOP5]},
         "exporter": EXPORTER,
         "opset": opset_of(export.protos[ROLE_ENCODER_CLASSIFIER]),
         "rewrite_convs": options.rewrite_convs,
@@ -354,7 +351,7 @@ def export_model(run_dir_or_checkpoint: Path, out_dir: Path,
     checkpoint = resolve_checkpoint(Path(run_dir_or_checkpoint))
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload)
-    preprocess = preprocess_for(model)
+    preprocess = preprocess_for(model.config)
     images, labels = _load_images(options.data_root, options.split, preprocess,
                                   options.max_images)
     calibration = (_calibration_images(options.data_root, preprocess,

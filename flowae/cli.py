@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from flowae import distributed
+from flowae.data import DEFAULT_DATA_ROOT
 from flowae.data import download as fetch
 from flowae.models import VARIANTS, get_variant
 from flowae.runtime.errors import FlowaeError
@@ -32,7 +33,7 @@ def _finite(ctx, param, value: float) -> float:
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default="upsample",
               help="Model variant from the registry.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("data/flowers102"), help="Folder holding flowers-102/.")
+              default=DEFAULT_DATA_ROOT, help="Folder holding flowers-102/.")
 @click.option("--download", is_flag=True, help="Fetch Flowers102 into --data-root first.")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Run directory: checkpoint, metrics.json, plots.")

@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 _SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # names inside setid.mat
 BASE_FOLDER = "flowers-102"
+DEFAULT_DATA_ROOT = Path("data/flowers102")  # where --download puts it unless told otherwise
+
+
+def preprocess_for(model_config) -> Preprocess:
+    """The preprocessing rule a model config trains and deploys with (contract defaults)."""
+    side = model_config.image_size_px
+    return Preprocess(image_size_px=side, resize_px=side)
 
 
 def eval_transform(preprocess: Preprocess) -> T.Compose:

@@ -26,6 +26,9 @@ ROLE_DECODER = "decoder"
 PRECISIONS = ("fp32", "int8", "fp16")
 MANIFEST_NAME = "manifest.json"  # export's report in a model directory (see flowae.export)
 MANIFEST_RECOMMENDED = "recommended_precision"  # manifest key: the precision to serve by default
+# Keys of ModelMetadata.extra under which export copies the training run's own test figures (%).
+EXTRA_TEST_TOP1 = "test_top1"
+EXTRA_TEST_TOP5 = "test_top5"
 INPUT_IMAGE = "image"  # (B, 3, H, W), scaled as Preprocess says
 OUTPUT_LOGITS = "logits"  # (B, NUM_CLASSES)
 OUTPUT_LATENT = "latent"  # (B, C, h, w), the encoder's code

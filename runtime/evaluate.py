@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from flowae.runtime.contract import EXTRA_TEST_TOP1, EXTRA_TEST_TOP5
 from flowae.runtime.errors import DataError
 from flowae.runtime.images import draft_scale
 from flowae.runtime.predictor import Predictor, ProgressFn
@@ -180,7 +181,7 @@ def compare_decodes(full: Predictor, draft: Predictor, paths: list[Path], labels
 
 
 # Keys under which flowae-export copies the training run's own test figures (metadata extra).
-PYTORCH_TEST_KEYS = {"top1": "test_top1", "top5": "test_top5"}
+PYTORCH_TEST_KEYS = {"top1": EXTRA_TEST_TOP1, "top5": EXTRA_TEST_TOP5}
 
 
 def _pytorch_test_accuracy(extra: dict) -> dict | None:

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
-from flowae.data import load_split, to_float
+from flowae.data import load_split, preprocess_for, to_float
 from flowae.export import ExportOptions, export_model
 from flowae.export.parity import torch_reference
-from flowae.export.pipeline import preprocess_for
 from flowae.models import FlowAE
 
 QUICK = {"latency_rounds": 2}  # the default-precision timing is not under test here
@@ -38,7 +37,7 @@ def torch_side(tiny_runs, fake_root) -> dict[str, TorchSide]:
     class Sides(dict):
         def __missing__(self, variant: str) -> TorchSide:
             model = model_from_checkpoint(load_checkpoint(tiny_runs[variant]))
-            preprocess = preprocess_for(model)
+            preprocess = preprocess_for(model.config)
             split = load_split(fake_root, "val", preprocess)
             images = to_float(split.images, preprocess)
             self[variant] = TorchSide(model, images.numpy(), split.labels.numpy(),

@@ -1,30 +1,15 @@
-"""Runtime fixtures: one exported tiny model per session, served by a real Predictor.
-
-The export goes through flowae.export when the repo has it (the real path, so these tests
-also check that what export writes is what the runtime reads); without it, a small stand-in
-exports the tiny `upsample` run with torch.onnx.export and writes the contract's metadata
-with onnx, which is all the runtime reads.
-"""
+"""Runtime fixtures: one tiny model exported per session by the real flowae.export (so these
+tests also check that what export writes is what the runtime reads), served by a Predictor."""
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 
 from flowae.runtime.contract import (
-    BATCH_AXIS,
-    GRAPH_IO,
-    MANIFEST_NAME,
-    MANIFEST_RECOMMENDED,
     METADATA_KEY,
-    ROLE_DECODER,
-    ROLE_ENCODER_CLASSIFIER,
-    ModelMetadata,
-    Preprocess,
-    graph_file,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,58 +37,14 @@ def read_metadata(path: Path) -> dict:
     return json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
 
 
-def stand_in_export(run_dir: Path, out_dir: Path) -> Path:
-    """Both graphs of a run, fp32, with contract names, a dynamic batch axis and metadata."""
-    import torch
-
-    from flowae.checkpoint import load_checkpoint, model_from_checkpoint
-
-    payload = load_checkpoint(run_dir)
-    model = model_from_checkpoint(payload)
-    side = model.config.image_size_px
-    preprocess = Preprocess(image_size_px=side, resize_px=side)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    example = torch.randn(2, 3, side, side)  # batch >= 2 keeps the batch axis dynamic
-    graphs = {
-        ROLE_ENCODER_CLASSIFIER: (model, example),
-        ROLE_DECODER: (model.decoder, torch.randn(2, *model.latent_shape())),
-    }
-    for role, (module, inputs) in graphs.items():
-        names_in, names_out = GRAPH_IO[role]
-        path = out_dir / graph_file(role)
-        with warnings.catch_warnings():  # the legacy exporter's deprecation notice
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                module, (inputs,), str(path), input_names=list(names_in),
-                output_names=list(names_out), dynamo=False,
-                dynamic_axes={name: {0: BATCH_AXIS} for name in names_in + names_out},
-            )
-        metadata = ModelMetadata(
-            role=role, variant=model.config.name, preprocess=preprocess,
-            latent_shape=model.latent_shape(),
-            extra={"test_top1": payload.get("test", {}).get("top1"),  # as flowae.export
-                   "test_top5": payload.get("test", {}).get("top5"),
-                   "exporter": "tests/runtime stand-in"},
-        )
-        set_metadata(path, metadata.to_json())
-    (out_dir / MANIFEST_NAME).write_text(json.dumps({MANIFEST_RECOMMENDED: "fp32"}))
-    return out_dir
-
-
-def export_for_tests(run_dir: Path, out_dir: Path, data_root: Path) -> Path:
-    """flowae.export's export_model once it exists in the repo, else the stand-in above."""
-    if not (REPO / "export" / "__init__.py").is_file():
-        return stand_in_export(run_dir, out_dir)
-    from flowae.export import ExportOptions, export_model
-
-    export_model(run_dir, out_dir, ExportOptions(data_root=data_root))
-    return out_dir
-
-
 @pytest.fixture(scope="session")
 def model_dir(tiny_runs, fake_root, tmp_path_factory) -> Path:
-    """A model directory exported from the tiny seeded `upsample` run (fp32 graphs)."""
-    return export_for_tests(tiny_runs["upsample"], tmp_path_factory.mktemp("model"), fake_root)
+    """A model directory exported by flowae.export from the tiny seeded `upsample` run (fp32)."""
+    from flowae.export import ExportOptions, export_model
+
+    out_dir = tmp_path_factory.mktemp("model")
+    export_model(tiny_runs["upsample"], out_dir, ExportOptions(data_root=fake_root))
+    return out_dir
 
 
 @pytest.fixture(scope="session")
