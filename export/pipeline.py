@@ -157,6 +157,9 @@ class _Export:
             "exporter": EXPORTER, "rewrite_convs": options.rewrite_convs,
             "exported_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
+            # How the weights were made: enough to rerun flowae-train with the same options.
+            "model_config": payload["model_config"], "train_config": payload["train_config"],
+            "train_seconds": payload.get("train_seconds"),
         }
         self.files: dict[str, dict] = {}
         self.protos: dict[str, object] = {}  # role -> fp32 ModelProto
@@ -286,7 +289,9 @@ def _manifest(export: _Export, checkpoint: Path, options: ExportOptions, accurac
         "checkpoint": {"path": str(checkpoint), "checkpoint_sha256":
                        provenance["checkpoint_sha256"],
                        "test_top1": provenance[EXTRA_TEST_TOP1],
-                       "test_top5": provenance[EXTRA_TEST_TOP5]},
+                       "test_top5": provenance[EXTRA_TEST_TOP5],
+                       "train_config": provenance["train_config"],
+                       "train_seconds": provenance["train_seconds"]},
         "exporter": EXPORTER,
         "opset": opset_of(export.protos[ROLE_ENCODER_CLASSIFIER]),
         "rewrite_convs": options.rewrite_convs,

@@ -3,7 +3,9 @@
 `VARIANTS` is the registry (name -> ModelConfig); `build_model` turns a config into a FlowAE
 module with `encoder`, `decoder` and `classifier`. Layers follow ../shared/SEED.md exactly,
 except that the seed's NumPy upsample (which cut the gradient) is a traceable nn.Upsample.
-Imports torch and the runtime contract only.
+Encoder, decoders and classifier are nn.Sequential subclasses that run exact fast kernels
+(flowae.fastconv) on CPU, outside export tracing; `FlowAE.use_fast_kernels(False)` runs the plain
+layers. Imports torch, flowae.fastconv and the runtime contract only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from flowae.fastconv import FastSequential
 from flowae.runtime.contract import DEFAULT_IMAGE_SIZE_PX, NUM_CLASSES
 from flowae.runtime.errors import FlowaeError
 
@@ -61,7 +64,7 @@ def conv_block(
     return layers
 
 
-class Encoder(nn.Sequential):
+class Encoder(FastSequential):
     """LeNet-5 sized encoder: (B, 3, 100, 100) -> latent (B, 16, 22, 22)."""
 
     def __init__(self, batchnorm: bool):
@@ -73,7 +76,7 @@ class Encoder(nn.Sequential):
         )
 
 
-class BaseDecoder(nn.Sequential):
+class BaseDecoder(FastSequential):
     """Grows the map with zero-padded convolutions: 22 -> 34 -> 46 -> 58 -> 70 -> 82 -> 100."""
 
     def __init__(self, batchnorm: bool):
@@ -87,7 +90,7 @@ class BaseDecoder(nn.Sequential):
         )
 
 
-class UpsampleDecoder(nn.Sequential):
+class UpsampleDecoder(FastSequential):
     """2x nearest upsampling and padded convolutions: 22 -> 44 -> 48 -> 96 -> 100.
 
     nn.Upsample keeps the graph differentiable (the encoder learns from the reconstruction
@@ -103,7 +106,7 @@ class UpsampleDecoder(nn.Sequential):
         )
 
 
-class Classifier(nn.Sequential):
+class Classifier(FastSequential):
     """Latent (B, 16, 22, 22) -> (B, num_classes) logits."""
 
     def __init__(self, batchnorm: bool, dropout: bool, num_classes: int):
@@ -148,6 +151,13 @@ class FlowAE(nn.Module):
         """Return (logits, latent); the decoder runs separately, as in deployment."""
         latent = self.encoder(images)  # (B, 16, 22, 22)
         return self.classifier(latent), latent
+
+    def use_fast_kernels(self, enabled: bool) -> FlowAE:
+        """Switch the exact fast kernels (on by default) on or off; returns self."""
+        for module in self.modules():
+            if isinstance(module, FastSequential):
+                module.fast_kernels = enabled
+        return self
 
     def latent_shape(self) -> tuple[int, int, int]:
         side = ((self.config.image_size_px - 4) // 2 - 4) // 2  # two (5x5 conv, 2x2 pool)

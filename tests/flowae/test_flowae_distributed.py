@@ -101,12 +101,6 @@ def relative_difference(left: dict, right: dict, prefix: str) -> tuple[float, fl
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.py seeds the shuffle per rank (_epoch_seed(..., dist.rank)), so the ranks "
-           "draw different orders and their shards overlap instead of partitioning each "
-           "global batch; fix: one shuffle seed for all ranks (see the report)",
-)
 def test_two_processes_train_like_one(torchrun, single_process):
     """Same per-epoch numbers and the same weights as one process, within float32 noise.
 

@@ -269,8 +269,6 @@ def test_bad_training_options_fail_before_touching_data(tmp_path, change, messag
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="TrainConfig.validate accepts lr=inf (inf > 0); fix: "
-                   "`if not (self.lr > 0 and math.isfinite(self.lr))` in flowae/train.py")
 def test_an_infinite_learning_rate_is_refused():
     with pytest.raises(FlowaeError, match="learning rate"):
         TrainConfig(lr=float("inf")).validate()

@@ -1,0 +1,82 @@
+"""Results table of training runs: variant, test top-1/top-5, parameters, wall time, command.
+
+Reads the metrics.json that flowae-train writes into each run directory and prints (and with
+--out saves) the Markdown table that docs/RESULTS.md quotes. Imports click and the standard
+library only.
+
+    python -m benchmarks.results runs/base runs/bn runs/bn-dropout runs/upsample
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+METRICS_NAME = "metrics.json"  # as flowae.train writes it
+
+
+def result_row(run_dir: Path) -> dict:
+    """One table row from a finished run directory."""
+    path = Path(run_dir) / METRICS_NAME
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"{path}: not a finished run ({exc})") from None
+    config = metrics["train_config"]
+    history = metrics["history"]
+    best_val = max((row["val_top1"] for row in history["cls"]), default=float("nan"))
+    command = (f"flowae-train --variant {metrics['variant']} --data-root DATA --out {run_dir}"
+               + (f" --ae-epochs {config['ae_epochs']}" if config["ae_epochs"] != 100 else "")
+               + (f" --cls-epochs {config['cls_epochs']}" if config["cls_epochs"] != 60 else "")
+               + (" --augment" if config.get("augment") else ""))
+    return {
+        "variant": metrics["variant"],
+        "test_top1": metrics["test"]["top1"],
+        "test_top5": metrics["test"]["top5"],
+        "final_val_top1": history["cls"][-1]["val_top1"] if history["cls"] else float("nan"),
+        "best_val_top1": best_val,
+        "test_recon_mse": metrics["test"]["recon_mse"],
+        "parameters": metrics["parameters"],
+        "epochs": f"{config['ae_epochs']}+{config['cls_epochs']}",
+        "train_min": metrics["train_seconds"] / 60.0,
+        "data_load_s": metrics["data_load_seconds"],
+        "device": metrics["device"],
+        "command": command,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    header = ("| variant | test top-1 % | test top-5 % | val top-1 % (last / best) "
+              "| test recon MSE "
+              "| parameters | epochs | train time (min) | command |")
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['test_top1']:.2f} | {r['test_top5']:.2f} | "
+            f"{r['final_val_top1']:.2f} / {r['best_val_top1']:.2f} | {r['test_recon_mse']:.4f} | "
+            f"{r['parameters']:,} | {r['epochs']} | {r['train_min']:.1f} | `{r['command']}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table (Markdown) and rows (JSON beside it) here.")
+def main(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+    """Tabulate finished flowae-train runs."""
+    rows = [result_row(run_dir) for run_dir in run_dirs]
+    table = markdown(rows)
+    click.echo(table, nl=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
