@@ -16,8 +16,9 @@ rounding (tests/flowae/test_fast_kernels.py holds each to float64 references):
 - Conv2d + BatchNorm2d: in eval mode one convolution with the batch norm folded into its
   weights; in training, followed by ReLU and MaxPool2d, the pooling runs on the convolution's
   output and the normalisation and ReLU on the 4x smaller pooled map (see
-  `_conv_bn_relu_pool_train`). Other training-mode batch norms on channels-last CPU tensors
-  take their statistics by matrix products (`_BatchNormTrain`).
+  `_conv_bn_relu_pool_train`); otherwise, on a channels-last map, the statistics come from
+  matrix products (`_BatchNormTrain`). Both centre the convolution's output through its bias
+  first, so that E[y^2] - E[y]^2 cancels no digits.
 - ReLU + MaxPool2d -> MaxPool2d + ReLU (they commute: ReLU is monotone), and 2x2 max pooling
   without autograd as two elementwise maxima instead of ATen's index-recording kernel.
 
@@ -269,9 +270,8 @@ def _add_channel_scaled_(acc: torch.Tensor, y: torch.Tensor, slope: torch.Tensor
 def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean and biased variance over (B, H, W), and the count behind them.
 
-    E[y^2] - E[y]^2 loses digits when |mean| >> std; the callers' inputs are nearly centred
-    (a convolution's bias absorbs the running mean at no cost) or are batch-norm inputs
-    whose mean is of the order of their spread.
+    E[y^2] - E[y]^2 loses digits when |mean| >> std; the callers centre y first (see
+    `_batch_mean_of_conv`), so that the subtraction cancels nothing.
     """
     count = y.numel() // y.shape[1]
     mean = channel_sums(y) / count
@@ -333,9 +333,13 @@ def _layout(y: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if _rows(y) is not None else torch.contiguous_format
 
 
-def _batch_norm_train(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+def _batch_norm_train(y: torch.Tensor, bn: nn.BatchNorm2d,
+                      centre: torch.Tensor | None = None) -> torch.Tensor:
+    """bn(y + centre) in training mode, for y = (batch-norm input) - centre: batch norm does
+    not see a per-channel shift, its running mean does."""
     out, mean, var = _BatchNormTrain.apply(y, bn.weight, bn.bias, bn.eps)
-    _update_running_stats(bn, mean, var, y.numel() // y.shape[1])
+    _update_running_stats(bn, mean if centre is None else mean + centre, var,
+                          y.numel() // y.shape[1])
     return out
 
 
@@ -365,17 +369,34 @@ def _fold_eval_bn(weight, bias, bn):
     return weight * scale.view(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
 
 
+@torch.no_grad()
+def _batch_mean_of_conv(conv_fn, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel mean of conv_fn(x, weight, bias) over (B, H, W), without computing it: the
+    convolution is linear, so the mean over the batch is the convolution of the batch sum."""
+    total = conv_fn(x.sum(dim=0, keepdim=True), weight, None)  # (1, O, H', W')
+    mean = total.sum(dim=(0, 2, 3)) / (x.shape[0] * total.shape[2] * total.shape[3])
+    return mean if bias is None else mean + bias
+
+
+def _conv_bn_train(conv_fn, x, weight, bias, bn):
+    """bn(conv(x)) with batch statistics, the convolution's output centred by its bias."""
+    centre = _batch_mean_of_conv(conv_fn, x, weight, bias)
+    bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    return _batch_norm_train(conv_fn(x, weight, bias - centre), bn, centre)
+
+
 def _conv_bn_relu_pool_train(conv_fn, x, weight, bias, bn, relu, pool):
     """relu(pool(bn(conv(x)))) with batch statistics; bn's affine and relu act on the pooled
     (4x smaller) map.
 
     Max-pooling commutes with a per-channel map that does not decrease, and batch norm is
     gamma / std * (y - mean) + beta: flipping the sign of the channels with gamma < 0 inside
-    the convolution makes it non-decreasing. The bias also takes away the running mean, so
-    the statistics are taken on nearly centred values (see _BatchMoments).
+    the convolution makes it non-decreasing. The bias also takes away the batch mean, so the
+    statistics are taken on centred values (see _moments).
     """
     sign = torch.where(bn.weight.detach() >= 0, 1.0, -1.0).to(weight.dtype)  # (O,)
-    centre = bn.running_mean.detach().to(weight.dtype, copy=True)  # updated in place below
+    centre = _batch_mean_of_conv(conv_fn, x, weight, bias)  # (O,)
     bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
     y = conv_fn(x, weight * sign.view(-1, 1, 1, 1), (bias - centre) * sign)  # (B, O, H, W)
     mean, var = _BatchMoments.apply(y)  # of sign * (conv(x) - centre)
@@ -422,6 +443,14 @@ def _convolution_at(layers: Sequence[nn.Module], index: int, x: torch.Tensor):
     return None, None, 0
 
 
+def _channels_last_output(layers: Sequence[nn.Module], index: int, x: torch.Tensor) -> bool:
+    """Whether the convolution at index gives a channels-last map: the sub-pixel form always
+    does, oneDNN does for channels-last input, the FFT path never does."""
+    if _nearest_2x(layers[index]):
+        return True
+    return _rows(x) is not None and not _fft_worthy(layers[index], x)
+
+
 def _plain_pool_2x2(pool: nn.Module | None) -> bool:
     return (type(pool) is nn.MaxPool2d and pool.kernel_size in (2, (2, 2))
             and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
@@ -455,6 +484,7 @@ def run_sequential(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor
     while index < len(layers):
         conv, conv_fn, used = _convolution_at(layers, index, x)
         if conv is not None:
+            channels_last = _channels_last_output(layers, index, x)
             index += used
             bn = layers[index] if index < len(layers) else None
             mode = _batch_stats_mode(bn) if bn is not None else None
@@ -468,13 +498,12 @@ def run_sequential(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor
                 x = _conv_bn_relu_pool_train(conv_fn, x, conv.weight, conv.bias, bn,
                                              layers[index + 1], layers[index + 2])
                 index += 3
+            elif mode and x.device.type == "cpu" and channels_last:
+                # ATen's batch norm is slow on channels-last CPU maps (fine on NCHW ones).
+                x = _conv_bn_train(conv_fn, x, conv.weight, conv.bias, bn)
+                index += 1
             else:
                 x = conv_fn(x, conv.weight, conv.bias)
-            continue
-        # ATen's batch norm is fine on NCHW tensors and on GPUs, slow on channels-last CPU ones.
-        if _batch_stats_mode(layers[index]) and _rows(x) is not None and x.device.type == "cpu":
-            x = _batch_norm_train(x, layers[index])
-            index += 1
             continue
         layer = layers[index]
         after = layers[index + 1] if index + 1 < len(layers) else None

@@ -1,21 +1,30 @@
-"""benchmarks.results tabulates real (tiny) training runs and refuses unfinished ones."""
+"""benchmarks.results tabulates real (tiny) training runs and refuses unfinished ones.
+
+Run as a script, the way users run it: nothing imports benchmarks."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from click.testing import CliRunner
+REPO = Path(__file__).resolve().parents[2]
 
-from benchmarks.results import main
+
+def results(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.results", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, check=False)
 
 
 def test_results_table_from_runs(tiny_runs, tmp_path):
     run_dir = tiny_runs["upsample"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     out = tmp_path / "table.md"
-    result = CliRunner().invoke(main, [str(run_dir), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    done = results(run_dir, "--out", out)
+    assert done.returncode == 0, done.stderr
     lines = out.read_text().splitlines()
+    assert done.stdout.splitlines() == lines
     assert lines[0].startswith("| variant | test top-1 %")
     assert len(lines) == 3  # header, rule, one run
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
@@ -28,7 +37,7 @@ def test_results_table_from_runs(tiny_runs, tmp_path):
 
 
 def test_results_refuses_unfinished_run(tmp_path):
-    result = CliRunner().invoke(main, [str(tmp_path)])
-    assert result.exit_code == 1
-    assert "not a finished run" in result.output
-    assert "Traceback" not in result.output
+    done = results(tmp_path)
+    assert done.returncode == 1
+    assert "not a finished run" in done.stderr
+    assert "Traceback" not in done.stderr
