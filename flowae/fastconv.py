@@ -38,6 +38,7 @@ from torch import nn
 
 FFT_MIN_KERNEL = 7  # full convolutions with kernels at least this wide go through the FFT
 FFT_CHUNK_BYTES = 4 << 20  # spectra of this many bytes go through the FFT path at a time
+CENTRE_SAMPLE = 16  # images whose mean output centres a convolution before batch statistics
 
 
 def tracing() -> bool:
@@ -372,10 +373,12 @@ def _fold_eval_bn(weight, bias, bn):
 @torch.no_grad()
 def _batch_mean_of_conv(conv_fn, x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
-    """Per-channel mean of conv_fn(x, weight, bias) over (B, H, W), without computing it: the
-    convolution is linear, so the mean over the batch is the convolution of the batch sum."""
-    total = conv_fn(x.sum(dim=0, keepdim=True), weight, None)  # (1, O, H', W')
-    mean = total.sum(dim=(0, 2, 3)) / (x.shape[0] * total.shape[2] * total.shape[3])
+    """Per-channel mean of conv_fn(x, weight, bias) over (H, W) and the first few images:
+    close enough to the batch mean to centre on. The convolution is linear, so that mean is
+    the convolution of the images' sum, one small map instead of a batch of them."""
+    sample = x[:CENTRE_SAMPLE]
+    total = conv_fn(sample.sum(dim=0, keepdim=True), weight, None)  # (1, O, H', W')
+    mean = total.sum(dim=(0, 2, 3)) / (sample.shape[0] * total.shape[2] * total.shape[3])
     return mean if bias is None else mean + bias
 
 
@@ -392,8 +395,8 @@ def _conv_bn_relu_pool_train(conv_fn, x, weight, bias, bn, relu, pool):
 
     Max-pooling commutes with a per-channel map that does not decrease, and batch norm is
     gamma / std * (y - mean) + beta: flipping the sign of the channels with gamma < 0 inside
-    the convolution makes it non-decreasing. The bias also takes away the batch mean, so the
-    statistics are taken on centred values (see _moments).
+    the convolution makes it non-decreasing. The bias also takes away about the batch mean,
+    so the statistics are taken on centred values (see _moments).
     """
     sign = torch.where(bn.weight.detach() >= 0, 1.0, -1.0).to(weight.dtype)  # (O,)
     centre = _batch_mean_of_conv(conv_fn, x, weight, bias)  # (O,)

@@ -36,9 +36,10 @@ F32_FLOOR = 1e-6  # ... + this (relative to the largest value compared)
 
 
 def grads(output: torch.Tensor, inputs: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
-    """Gradients of <output, fixed random cotangent> with respect to `inputs`."""
+    """Gradients of <output, fixed random cotangent> with respect to `inputs`; the cotangent
+    is drawn in float64 whatever the dtype, so float32 and float64 runs get the same one."""
     cotangent = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed),
-                            dtype=output.dtype)
+                            dtype=torch.float64).to(output.dtype)
     return list(torch.autograd.grad(output, inputs, cotangent))
 
 
@@ -292,3 +293,31 @@ def test_evaluation_from_inputs_scaled_once_equals_per_batch_scaling():
     per_batch = evaluate(model, split, preprocess, 4, cpu, DistInfo(), channels_last=True)
     assert evaluate(model, split, preprocess, 4, cpu, DistInfo(), channels_last=True,
                     inputs=inputs) == per_batch
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_batch_statistics_keep_their_digits_when_the_mean_dwarfs_the_spread(pooled):
+    """E[y^2] - E[y]^2 in float32 would lose ~4 digits at mean/std = 100; the fast path
+    centres the convolution's output first and stays as close to float64 as ATen's."""
+    torch.manual_seed(0)
+    tail = [nn.ReLU(), nn.MaxPool2d(2)] if pooled else [nn.ReLU()]
+    upsample_conv = [nn.Upsample(scale_factor=2), nn.Conv2d(3, 6, 5, 1, 4)]
+    head = [nn.Conv2d(3, 6, 5)] if pooled else upsample_conv
+    reference = FastSequential(*head, nn.BatchNorm2d(6), *tail).double()
+    with torch.no_grad():
+        reference[len(head) - 1].bias.fill_(100.0)  # mean ~ 100, std ~ 1
+    images = torch.rand(24, 3, 20, 20, dtype=torch.float64) * 2 - 1  # > CENTRE_SAMPLE
+
+    def run(fast, dtype):
+        model = copy.deepcopy(reference).to(dtype).to(memory_format=torch.channels_last)
+        model.fast_kernels = fast
+        x = images.to(dtype).contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        bn = model[len(head)]
+        return [out, *grads(out, list(model.parameters())), bn.running_mean, bn.running_var]
+
+    want = run(False, torch.float64)
+    plain_err = relative_error(run(False, torch.float32)[:1], want[:1])
+    fast = run(True, torch.float32)
+    assert relative_error(fast[:1], want[:1]) <= F32_SLACK * plain_err + F32_FLOOR
+    assert relative_error(fast[1:], want[1:]) < 1e-4
