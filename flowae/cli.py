@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import fields, replace
 from pathlib import Path
 
 import click
@@ -17,14 +18,38 @@ from flowae.data import DEFAULT_DATA_ROOT
 from flowae.data import download as fetch
 from flowae.models import VARIANTS, get_variant
 from flowae.runtime.errors import FlowaeError
-from flowae.train import TrainConfig, train
+from flowae.train import RECIPES, TrainConfig, default_recipe, train
 
-_D = TrainConfig()  # the defaults live in the dataclass alone
+_FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}  # "int", "float", "bool", "str"
+
+
+def _settings(ctx, param, values: tuple[str, ...]) -> dict:
+    """--set KEY=VALUE pairs -> TrainConfig fields, typed as the dataclass declares them."""
+    parsed = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _FIELD_TYPES:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of "
+                                     f"{', '.join(_FIELD_TYPES)}")
+        kind = _FIELD_TYPES[key]
+        try:
+            if kind == "bool":
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                parsed[key] = text.lower() in ("true", "1")
+            else:
+                parsed[key] = {"int": int, "float": float}.get(kind, str)(text)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: {key} takes a {kind}") from None
+        if kind == "float" and not math.isfinite(parsed[key]):
+            raise click.BadParameter(f"{item!r}: not a finite number")
+    return parsed
 
 
 def _finite(ctx, param, value: float) -> float:
     # FloatRange lets nan and inf through; either would train into NaN weights.
-    if not math.isfinite(value):
+    if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number")
     return value
 
@@ -37,25 +62,40 @@ def _finite(ctx, param, value: float) -> float:
 @click.option("--download", is_flag=True, help="Fetch Flowers102 into --data-root first.")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Run directory: checkpoint, metrics.json, plots.")
-@click.option("--ae-epochs", type=click.IntRange(min=0), default=_D.ae_epochs)
-@click.option("--cls-epochs", type=click.IntRange(min=0), default=_D.cls_epochs)
-@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_D.lr,
-              callback=_finite)
-@click.option("--seed", type=int, default=_D.seed)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D.device)
-@click.option("--augment/--no-augment", default=_D.augment,
-              help="Random resized crops, flips, colour jitter (off in the seed recipe).")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Training recipe the options below start from. [default: seed for the "
+                   "seed's four variants, modern for the others]")
+@click.option("--ae-epochs", type=click.IntRange(min=0), default=None,
+              help="Phase 1 epochs. [default: from --recipe; seed 100]")
+@click.option("--cls-epochs", type=click.IntRange(min=0), default=None,
+              help="Phase 2 epochs. [default: from --recipe; seed 60]")
+@click.option("--dec-epochs", type=click.IntRange(min=0), default=None,
+              help="Phase 3 (decoder refit) epochs. [default: from --recipe; seed 0]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="[default: from --recipe; seed 255]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              callback=_finite, help="Peak learning rate. [default: from --recipe; seed 1e-3]")
+@click.option("--seed", type=int, default=None, help="[default: from --recipe; 0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--augment/--no-augment", default=None,
+              help="Random resized crops, flips, colour jitter. [default: from --recipe; "
+                   "seed no-augment]")
+@click.option("--set", "settings", multiple=True, callback=_settings, metavar="KEY=VALUE",
+              help="Any other recipe field, e.g. --set cutmix=0.5 --set weight_decay=0.1 "
+                   "(repeatable; see flowae.train.TrainConfig).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
               help="End after this many epochs (both phases counted); --resume continues.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
-def main(variant, data_root, download, run_dir, ae_epochs, cls_epochs, batch_size, lr, seed,
-         device, augment, resume, stop_after_epochs, progress):
-    """Train a flowae variant with the seed's two-phase recipe."""
+def main(variant, data_root, download, run_dir, recipe, ae_epochs, cls_epochs, dec_epochs,
+         batch_size, lr, seed, device, augment, settings, resume, stop_after_epochs, progress):
+    """Train a flowae variant: autoencoder, then classifier (then, in the modern recipe, a
+    decoder refit), with a named recipe whose fields the options override."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    config = TrainConfig(ae_epochs=ae_epochs, cls_epochs=cls_epochs, batch_size=batch_size,
-                         lr=lr, seed=seed, device=device, augment=augment)
+    given = {"ae_epochs": ae_epochs, "cls_epochs": cls_epochs, "dec_epochs": dec_epochs,
+             "batch_size": batch_size, "lr": lr, "seed": seed, "augment": augment}
+    given = {**settings, **{k: v for k, v in given.items() if v is not None}}
+    config = replace(RECIPES[recipe or default_recipe(variant)], **{**given, "device": device})
     dist = None
     try:
         dist = distributed.init_from_env(device)
@@ -73,8 +113,9 @@ def main(variant, data_root, download, run_dir, ae_epochs, cls_epochs, batch_siz
         return
     if metrics.get("stopped"):
         done = metrics["progress"]
-        click.echo(f"stopped after ae {done['ae']}/{ae_epochs}, cls {done['cls']}/{cls_epochs} "
-                   f"epochs; continue with --resume")
+        click.echo(f"stopped after ae {done['ae']}/{config.ae_epochs}, cls {done['cls']}/"
+                   f"{config.cls_epochs}, dec {done['dec']}/{config.dec_epochs} epochs; "
+                   f"continue with --resume")
         return
     test = metrics["test"]
     click.echo(f"{variant}: test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  "

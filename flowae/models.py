@@ -30,12 +30,16 @@ class ModelConfig:
     dropout: bool = False  # the seed's three dropouts in the classifier
     image_size_px: int = DEFAULT_IMAGE_SIZE_PX  # square input side
     num_classes: int = NUM_CLASSES
+    arch: str = "seed"  # "seed" (SEED.md's layers) or "res" (residual encoder, GAP classifier)
+    widths: tuple[int, ...] = ()  # "res" only: channels of latent, stage 2, stage 3
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        data["widths"] = tuple(data.get("widths", ()))  # JSON gives a list
         return cls(**data)
 
 
@@ -44,6 +48,14 @@ VARIANTS: dict[str, ModelConfig] = {
     "bn": ModelConfig("bn", batchnorm=True),
     "bn-dropout": ModelConfig("bn-dropout", batchnorm=True, dropout=True),
     "upsample": ModelConfig("upsample", decoder="upsample", batchnorm=True, dropout=True),
+    # Beyond the seed (issue 6): residual encoder and a global-average-pool classifier, with a
+    # light 2x-upsampling decoder; trained with the "modern" recipe (flowae.train.RECIPES).
+    "res16": ModelConfig("res16", decoder="light", batchnorm=True, dropout=True, arch="res",
+                         widths=(16, 32, 64)),
+    "res24": ModelConfig("res24", decoder="light", batchnorm=True, dropout=True, arch="res",
+                         widths=(24, 48, 96)),
+    "res32": ModelConfig("res32", decoder="light", batchnorm=True, dropout=True, arch="res",
+                         widths=(32, 64, 128)),
 }
 
 
@@ -129,6 +141,71 @@ class Classifier(FastSequential):
         )
 
 
+def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    """Conv2d ("same" padding, no bias) + BatchNorm2d + ReLU: the "res" family's unit."""
+    return [nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=False),
+            nn.BatchNorm2d(out_ch), nn.ReLU()]
+
+
+class Residual(nn.Module):
+    """relu(x + bn(conv(relu(bn(conv(x)))))): a ResNet basic block, two 3x3 convolutions."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn_relu(channels, channels, 3),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class ResEncoder(nn.Sequential):
+    """(B, 3, 100, 100) -> latent (B, C, 25, 25): 5x5 stride-2 stem, 2x2 pool, a residual block.
+
+    Two cheap steps take the map to a quarter of the side; the 3x3 work happens at 25x25.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(
+            *conv_bn_relu(3, channels, 5, stride=2),  # (B, C, 50, 50)
+            nn.MaxPool2d(2, 2),  # (B, C, 25, 25)
+            Residual(channels),
+        )
+
+
+class ResClassifier(nn.Sequential):
+    """Latent (B, C, 25, 25) -> logits: two stride-2 stages with a residual block each, global
+    average pooling and one Linear (no 1024 x 512 hidden layer to overfit)."""
+
+    def __init__(self, widths: tuple[int, ...], dropout: bool, num_classes: int):
+        latent, mid, top = widths
+        super().__init__(
+            *conv_bn_relu(latent, mid, 3, stride=2),  # (B, mid, 13, 13)
+            Residual(mid),
+            *conv_bn_relu(mid, top, 3, stride=2),  # (B, top, 7, 7)
+            Residual(top),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # (B, top)
+            *([nn.Dropout(0.3)] if dropout else []),
+            nn.Linear(top, num_classes),
+        )
+
+
+class LightDecoder(nn.Sequential):
+    """Latent (B, C, 25, 25) -> (B, 3, 100, 100): two 2x nearest upsamples and 3x3 convolutions."""
+
+    def __init__(self, channels: int):
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="nearest"),  # (B, C, 50, 50)
+            *conv_bn_relu(channels, 16, 3),  # (B, 16, 50, 50)
+            nn.Upsample(scale_factor=2, mode="nearest"),  # (B, 16, 100, 100)
+            nn.Conv2d(16, 3, 3, 1, 1),
+            nn.Tanh(),
+        )
+
+
 class FlowAE(nn.Module):
     """Encoder, decoder and classifier of one variant."""
 
@@ -136,10 +213,20 @@ class FlowAE(nn.Module):
         super().__init__()
         if config.image_size_px != DEFAULT_IMAGE_SIZE_PX:
             raise FlowaeError(
-                f"variant {config.name!r}: the seed layers need {DEFAULT_IMAGE_SIZE_PX} px "
+                f"variant {config.name!r}: the layers need {DEFAULT_IMAGE_SIZE_PX} px "
                 f"inputs, got {config.image_size_px}"
             )
         self.config = config
+        if config.arch == "res":
+            if len(config.widths) != 3 or config.decoder != "light":
+                raise FlowaeError(f"variant {config.name!r}: arch 'res' needs three widths and "
+                                  f"the 'light' decoder")
+            self.encoder = ResEncoder(config.widths[0])
+            self.decoder = LightDecoder(config.widths[0])
+            self.classifier = ResClassifier(config.widths, config.dropout, config.num_classes)
+            return
+        if config.arch != "seed":
+            raise FlowaeError(f"unknown arch {config.arch!r}; expected 'seed' or 'res'")
         self.encoder = Encoder(config.batchnorm)
         decoders = {"base": BaseDecoder, "upsample": UpsampleDecoder}
         if config.decoder not in decoders:
@@ -160,6 +247,9 @@ class FlowAE(nn.Module):
         return self
 
     def latent_shape(self) -> tuple[int, int, int]:
+        if self.config.arch == "res":
+            side = (self.config.image_size_px + 1) // 2 // 2  # stride-2 stem, 2x2 pool
+            return (self.config.widths[0], side, side)
         side = ((self.config.image_size_px - 4) // 2 - 4) // 2  # two (5x5 conv, 2x2 pool)
         return (16, side, side)
 

@@ -35,13 +35,15 @@ def plot_curves(run_dir: Path, history: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    titles = ("phase 1: autoencoder (MSE)", "phase 2: classifier (cross-entropy)")
-    for ax, phase, title in zip(axes, ("ae", "cls"), titles, strict=True):
-        rows = history[phase]
+    phases = ["ae", "cls"] + (["dec"] if history.get("dec") else [])  # phase 3 when it ran
+    titles = {"ae": "phase 1: autoencoder (MSE)", "cls": "phase 2: classifier (cross-entropy)",
+              "dec": "phase 3: decoder refit (MSE)"}
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4))
+    for ax, phase in zip(axes, phases, strict=True):
+        rows, title = history[phase], titles[phase]
         epochs = [r["epoch"] for r in rows]
         ax.plot(epochs, [r["train_loss"] for r in rows], label="train")
-        val_key = "val_recon_mse" if phase == "ae" else "val_loss"
+        val_key = "val_loss" if phase == "cls" else "val_recon_mse"
         ax.plot(epochs, [r[val_key] for r in rows], label="val")
         ax.set(title=title if rows else f"{title}: not run", xlabel="epoch", ylabel="loss")
         ax.legend()

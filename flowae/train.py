@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from flowae.runtime.errors import CheckpointError, FlowaeError
 
 log = logging.getLogger(__name__)
 
-PHASES = ("ae", "cls")
+PHASES = ("ae", "cls", "dec")  # autoencoder, classifier, decoder refit (0 epochs in the seed)
 METRICS_NAME = "metrics.json"
 
 
@@ -48,12 +48,28 @@ class TrainConfig:
     augment: bool = False  # random resized crop + flip + colour jitter (not in the seed)
     channels_last: bool = True  # NHWC memory layout: same numbers, faster convolutions
     eval_batch_size: int = 128  # evaluation only; no effect on results (smaller runs faster on CPU)
+    # Beyond the seed (issue 6); each default below leaves the seed recipe unchanged.
+    optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | onecycle (linear warm-up, then cosine to zero)
+    label_smoothing: float = 0.0  # phase 2 cross-entropy
+    ae_images: str = "train"  # phase 1 images: train | train+val (val images without labels)
+    dec_epochs: int = 0  # phase 3: refit the decoder to the final encoder (encoder frozen)
+    crop_scale_min: float = 0.25  # augmentation: smallest crop area (fraction of the image)
+    bf16: bool = False  # bfloat16 autocast in training steps (AMX on this CPU); eval stays fp32
+    cutmix: float = 0.0  # phase 2: share of batches where CutMix (alpha 1) pastes a box of
+    # another image of the batch and mixes the two labels by area
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise CheckpointError(f"training options {sorted(unknown)} are unknown to this "
+                                  f"version of flowae ({__version__}); resume with the version "
+                                  f"that started the run")
         return cls(**data)
 
     def validate(self) -> None:
@@ -65,6 +81,50 @@ class TrainConfig:
             raise FlowaeError(f"learning rate must be > 0, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise FlowaeError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "onecycle"),
+                   "ae_images": ("train", "train+val")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise FlowaeError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.dec_epochs < 0:
+            raise FlowaeError("epochs must be >= 0")
+        if not (0 <= self.weight_decay < 1 and 0 <= self.label_smoothing < 1):
+            raise FlowaeError("weight decay and label smoothing must be in [0, 1)")
+        if not 0 <= self.cutmix <= 1:
+            raise FlowaeError(f"cutmix must be in [0, 1], got {self.cutmix}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise FlowaeError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+
+
+# Named recipes: `flowae-train --recipe NAME` starts from one; explicit flags override fields.
+RECIPES: dict[str, TrainConfig] = {
+    "seed": TrainConfig(),
+    # Issue 6: augmentation, AdamW with one-cycle, label smoothing, autoencoder pre-training on
+    # train+val images (no labels), longer phase 2, and a decoder refit at the end.
+    "modern": TrainConfig(ae_epochs=30, cls_epochs=200, batch_size=64, lr=2e-3,
+                          optimizer="adamw", weight_decay=0.05, schedule="onecycle",
+                          label_smoothing=0.1, augment=True, ae_images="train+val",
+                          dec_epochs=20, bf16=True),
+}
+# The recipe each variant trains with unless --recipe says otherwise.
+DEFAULT_RECIPE = {"base": "seed", "bn": "seed", "bn-dropout": "seed", "upsample": "seed"}
+
+
+def default_recipe(variant: str) -> str:
+    return DEFAULT_RECIPE.get(variant, "modern")
+
+
+WARMUP_FRACTION = 0.1  # onecycle: share of a phase's steps spent warming up from lr / 25
+
+
+def learning_rate(config: TrainConfig, progress: float) -> float:
+    """Learning rate at `progress` (0..1) through a phase: a pure function, so resumes agree."""
+    if config.schedule == "constant":
+        return config.lr
+    if progress < WARMUP_FRACTION:
+        return config.lr * (0.04 + 0.96 * progress / WARMUP_FRACTION)
+    rest = (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(rest, 1.0)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,6 +144,24 @@ class _Reconstruct(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(images))  # (B, 3, H, W)
+
+
+class _Refit(nn.Module):
+    """Phase 3 graph: the frozen encoder (eval mode, no gradient) feeds the decoder."""
+
+    def __init__(self, model: FlowAE):
+        super().__init__()
+        self.encoder, self.decoder = model.encoder, model.decoder
+
+    def train(self, mode: bool = True) -> _Refit:
+        super().train(mode)
+        self.encoder.eval()  # keeps its batch-norm statistics, so classification is unchanged
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latent = self.encoder(images)
+        return self.decoder(latent)
 
 
 class _Classify(nn.Module):
@@ -120,49 +198,92 @@ class Batches:
     # Without augmentation the train split is scaled once (and laid out as the model wants)
     # instead of every batch: a gather per step instead of four passes over the batch.
     memory_format: torch.memory_format = torch.contiguous_format
-    _inputs: torch.Tensor | None = field(default=None, init=False, repr=False)
+    # Phase 1's images when they are not the train split's (train+val, labels unused).
+    ae_train: TensorSplit | None = None
+    crop_scale_min: float = 0.25
+    _inputs: dict = field(default_factory=dict, init=False, repr=False)
 
-    def epoch(self, seed: int, batch_size: int, dist: DistInfo, device: torch.device):
+    def epoch(self, seed: int, batch_size: int, dist: DistInfo, device: torch.device,
+              phase: str = "cls"):
         """Yield this process's (images, labels) batches for one epoch, shuffled by `seed`.
 
         `seed` is the same on every rank: all ranks draw one order and each takes its share of
         every global batch, so the shards of a step partition that batch.
         """
-        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))
+        split = self.ae_train if phase != "cls" and self.ae_train is not None else self.train
+        key = "ae" if split is self.ae_train else "train"
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
         generator = torch.Generator().manual_seed(seed + dist.rank)  # augmentation, per rank
-        if not self.augment and (self._inputs is None or self._inputs.device != device):
-            self._inputs = float_inputs(self.train, self.preprocess, device, self.memory_format)
+        cached = self._inputs.get(key)
+        if not self.augment and (cached is None or cached.device != device):
+            cached = self._inputs[key] = float_inputs(split, self.preprocess, device,
+                                                      self.memory_format)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size][dist.rank :: dist.world_size]
-            labels = self.train.labels[index].to(device)
+            labels = split.labels[index].to(device)
             if not self.augment:
-                yield self._inputs[index.to(device)], labels
+                yield cached[index.to(device)], labels
                 continue
-            images = augment_batch(self.train.images[index], self.preprocess.image_size_px,
-                                   generator)
+            images = augment_batch(split.images[index], self.preprocess.image_size_px,
+                                   generator, self.crop_scale_min)
             yield to_float(images.to(device), self.preprocess), labels
 
+    def steps_per_epoch(self, batch_size: int, phase: str) -> int:
+        split = self.ae_train if phase != "cls" and self.ae_train is not None else self.train
+        return max(1, math.ceil(len(split) / batch_size))
 
-def augment_batch(images: torch.Tensor, size_px: int, generator: torch.Generator) -> torch.Tensor:
-    """Random resized crop (scale 0.25-1), horizontal flip and colour jitter, per image."""
-    from torchvision.transforms.v2 import functional as TF
 
-    out = torch.empty(len(images), 3, size_px, size_px, dtype=torch.uint8)
-    side = images.shape[-1]
-    for i, image in enumerate(images):
-        u = torch.rand(8, generator=generator).tolist()
-        area = side * side * (0.25 + 0.75 * u[0])
-        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
-        h = min(side, round(math.sqrt(area / ratio)))
-        w = min(side, round(math.sqrt(area * ratio)))
-        top, left = int(u[2] * (side - h + 1)), int(u[3] * (side - w + 1))
-        crop = TF.resized_crop(image, top, left, h, w, [size_px, size_px], antialias=True)
-        if u[4] < 0.5:
-            crop = TF.horizontal_flip(crop)
-        crop = TF.adjust_brightness(crop, 0.7 + 0.6 * u[5])
-        crop = TF.adjust_contrast(crop, 0.7 + 0.6 * u[6])
-        out[i] = TF.adjust_saturation(crop, 0.7 + 0.6 * u[7])
-    return out
+def augment_batch(images: torch.Tensor, size_px: int, generator: torch.Generator,
+                  scale_min: float = 0.25) -> torch.Tensor:
+    """Random resized crop (area scale_min-1, aspect 3/4-4/3), horizontal flip and colour
+    jitter (brightness, contrast, saturation 0.7-1.3), drawn per image, applied to the whole
+    batch at once: one bilinear `grid_sample` does every crop, resize and flip.
+
+    uint8 (B, 3, S, S) -> uint8 (B, 3, size_px, size_px). Crops never leave the image.
+    """
+    n = len(images)
+    u = torch.rand(n, 7, generator=generator, dtype=torch.float64)
+    area = scale_min + (1 - scale_min) * u[:, 0]  # fraction of the stored image
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)  # fraction of the side
+    height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = torch.where(u[:, 4] < 0.5, -width, width)  # negative: flipped
+    theta[:, 0, 2] = (2 * u[:, 2] - 1) * (1 - width)  # crop centre, normalised coordinates
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = (2 * u[:, 3] - 1) * (1 - height)
+    grid = F.affine_grid(theta.float(), [n, 3, size_px, size_px], align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)  # (B, 3, size, size), 0..255
+    jitter = (0.7 + 0.6 * u[:, 5:]).float().view(n, 2, 1, 1, 1)
+    brightness = (0.7 + 0.6 * torch.rand(n, generator=generator)).view(n, 1, 1, 1)
+    out = out * brightness
+    gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
+    mean = gray.mean(dim=(2, 3), keepdim=True)
+    out = (out - mean) * jitter[:, 0] + mean  # contrast
+    gray = (gray - mean) * jitter[:, 0] + mean
+    out = (out - gray) * jitter[:, 1] + gray  # saturation
+    return out.clamp(0, 255).round().to(torch.uint8)
+
+
+def cutmix(images: torch.Tensor, labels: torch.Tensor, probability: float,
+           generator: torch.Generator) -> tuple[torch.Tensor, tuple | None]:
+    """With `probability`, paste one random box (area share ~ Beta(1, 1)) of a shuffled copy of
+    the batch into every image; return the images and (labels of the pasted images, pasted
+    area share), or None when this batch is left alone."""
+    draws = torch.rand(4, generator=generator).tolist()
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    if draws[0] >= probability:
+        return images, None
+    height, width = images.shape[-2:]
+    cut = math.sqrt(draws[1])  # side fraction: area share uniform in [0, 1]
+    box_h, box_w = round(height * cut), round(width * cut)
+    top = int(draws[2] * (height - box_h + 1))
+    left = int(draws[3] * (width - box_w + 1))
+    mixed = images.clone()
+    mixed[..., top : top + box_h, left : left + box_w] = \
+        images[order][..., top : top + box_h, left : left + box_w]
+    return mixed, (labels[order], box_h * box_w / (height * width))
 
 
 @torch.no_grad()
@@ -208,20 +329,36 @@ def evaluate(
 
 
 def _train_epoch(step_model, optimizer, batches: Batches, phase: str, config: TrainConfig,
-                 seed: int, dist: DistInfo, device: torch.device, bar) -> dict:
-    """One pass over the train split; returns mean loss (and accuracy in phase 2)."""
+                 seed: int, dist: DistInfo, device: torch.device, bar,
+                 epoch: int = 1, total_epochs: int = 1) -> dict:
+    """One pass over the phase's images; returns mean loss (and accuracy in phase 2)."""
     torch.manual_seed(seed + dist.rank)  # dropout draws, one stream per rank
     step_model.train()
     loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in batches.epoch(seed, config.batch_size, dist, device):
+    steps = batches.steps_per_epoch(config.batch_size, phase)
+    mixing = torch.Generator().manual_seed(seed + 7919 + dist.rank)  # CutMix draws, per rank
+    for step, (images, labels) in enumerate(batches.epoch(seed, config.batch_size, dist, device,
+                                                          phase)):
+        lr = learning_rate(config, ((epoch - 1) * steps + step) / (total_epochs * steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mixed = None
+        if phase == "cls" and config.cutmix > 0:
+            images, mixed = cutmix(images, labels, config.cutmix, mixing)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        output = step_model(images)
-        if phase == "ae":
-            loss = F.mse_loss(output, images)
-        else:
-            loss = F.cross_entropy(output, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            output = step_model(images)
+        output = output.float()  # losses in float32
+        if phase == "cls":
+            loss = F.cross_entropy(output, labels, label_smoothing=config.label_smoothing)
+            if mixed is not None:
+                other, share = mixed
+                loss = (1 - share) * loss + share * F.cross_entropy(
+                    output, other, label_smoothing=config.label_smoothing)
             correct += (output.argmax(dim=1) == labels).sum().item()
+        else:
+            loss = F.mse_loss(output, images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -239,16 +376,21 @@ def _train_epoch(step_model, optimizer, batches: Batches, phase: str, config: Tr
 def _phase_modules(model: FlowAE, phase: str) -> list[nn.Module]:
     # Phase 2 optimises encoder, decoder and classifier together, as the seed did; the decoder
     # gets no gradient from the cross-entropy, so Adam leaves it unchanged.
-    return [model.encoder, model.decoder] if phase == "ae" else [model]
+    return {"ae": [model.encoder, model.decoder], "cls": [model], "dec": [model.decoder]}[phase]
 
 
 def _make_optimizer(model: FlowAE, phase: str, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for module in _phase_modules(model, phase) for p in module.parameters()]
-    return torch.optim.Adam(params, lr=config.lr)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    # AdamW decays weights only: not biases or batch-norm scales (1-D tensors).
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def _wrap(model: FlowAE, phase: str, dist: DistInfo, device: torch.device) -> nn.Module:
-    step_model = _Reconstruct(model) if phase == "ae" else _Classify(model)
+    step_model = {"ae": _Reconstruct, "cls": _Classify, "dec": _Refit}[phase](model)
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -305,20 +447,27 @@ def train(
     started = time.perf_counter()
     store_px = round(model_config.image_size_px * 1.15) if config.augment else None
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    batches = Batches(load_split(data_root, "train", preprocess, store_px=store_px),
-                      load_split(data_root, "val", preprocess), preprocess, config.augment,
-                      memory_format=layout)
+    train_split = load_split(data_root, "train", preprocess, store_px=store_px)
+    val_split = load_split(data_root, "val", preprocess)
+    ae_split = None
+    if config.ae_images == "train+val" and (config.ae_epochs or config.dec_epochs):
+        # Val images join phases 1 and 3 without their labels; they still choose nothing there.
+        val_store = load_split(data_root, "val", preprocess, store_px) if store_px else val_split
+        ae_split = TensorSplit(torch.cat([train_split.images, val_store.images]),
+                               torch.cat([train_split.labels, val_store.labels]))
+    batches = Batches(train_split, val_split, preprocess, config.augment, memory_format=layout,
+                      ae_train=ae_split, crop_scale_min=config.crop_scale_min)
     load_s = time.perf_counter() - started
 
     torch.manual_seed(config.seed)
     model = build_model(model_config)
-    history = {"ae": [], "cls": []}
-    done = {"ae": 0, "cls": 0}
+    history = {phase: [] for phase in PHASES}
+    done = dict.fromkeys(PHASES, 0)
     elapsed_before = 0.0
     if state is not None:
         model.load_state_dict(state["model"])
-        history = state["history"]
-        done = dict(state["progress"])
+        history.update(state["history"])
+        done.update(state["progress"])
         elapsed_before = state.get("train_seconds", 0.0)
     model.to(device)
     if config.channels_last:
@@ -327,7 +476,8 @@ def train(
     val_inputs = float_inputs(batches.val, preprocess, device, layout)  # scaled once, not per epoch
     epochs_run = 0
     phase_start = time.perf_counter()
-    for phase, total in zip(PHASES, (config.ae_epochs, config.cls_epochs), strict=True):
+    totals = (config.ae_epochs, config.cls_epochs, config.dec_epochs)
+    for phase, total in zip(PHASES, totals, strict=True):
         if done[phase] >= total:
             continue
         optimizer = _make_optimizer(model, phase, config)
@@ -344,7 +494,7 @@ def train(
             tick = time.perf_counter()
             row = {"epoch": epoch}
             row.update(_train_epoch(step_model, optimizer, batches, phase, config, seed, dist,
-                                    device, bar))
+                                    device, bar, epoch, total))
             val = evaluate(model, batches.val, preprocess, config.eval_batch_size, device, dist,
                            config.channels_last, inputs=val_inputs)
             row.update({f"val_{k}": v for k, v in val.items()})
@@ -353,7 +503,7 @@ def train(
             done[phase] = epoch
             epochs_run += 1
             bar.set_postfix(loss=f"{row['train_loss']:.4f}",
-                            val=f"{val['recon_mse'] if phase == 'ae' else val['top1']:.3g}")
+                            val=f"{val['top1'] if phase == 'cls' else val['recon_mse']:.3g}")
             if dist.is_main:
                 save_checkpoint(run_dir / CHECKPOINT_NAME, {
                     "model_config": model_config.to_dict(), "train_config": config.to_dict(),

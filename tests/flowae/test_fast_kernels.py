@@ -164,7 +164,10 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(max_abs(g, w) for g, w in zip(got, want, strict=True)) / scale
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+SEED_ARCH = [name for name, config in VARIANTS.items() if config.arch == "seed"]
+
+
+@pytest.mark.parametrize("variant", SEED_ARCH)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_model_fast_path_equals_plain_layers(variant, training, channels_last):
@@ -203,7 +206,7 @@ def test_model_fast_path_equals_plain_layers(variant, training, channels_last):
                               atol=1e-12), name
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", SEED_ARCH)
 def test_no_grad_evaluation_equals_plain_layers(variant):
     torch.manual_seed(1)
     model = build_model(VARIANTS[variant]).double()
@@ -219,7 +222,7 @@ def test_no_grad_evaluation_equals_plain_layers(variant):
 
 
 def test_fast_kernels_keep_parameters_and_state_dict_keys():
-    for variant in VARIANTS:
+    for variant in SEED_ARCH:
         model = build_model(VARIANTS[variant])
         plain_keys = list(copy.deepcopy(model).use_fast_kernels(False).state_dict())
         assert list(model.state_dict()) == plain_keys

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from flowae.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flowae.cli import main
 from flowae.models import VARIANTS
-from flowae.train import METRICS_NAME, TrainConfig
+from flowae.train import METRICS_NAME, RECIPES, TrainConfig
 
 TINY = {"trnid": 4, "valid": 2, "tstid": 2}
 FAST = ["--ae-epochs", "1", "--cls-epochs", "1", "--batch-size", "4", "--device", "cpu",
@@ -44,14 +44,20 @@ def test_help_lists_the_registry_and_the_seed_defaults():
         return re.search(r"\[default:([^;\]]+)", text[text.index(option):]).group(1)
 
     assert f"--variant[{'|'.join(VARIANTS)}]" in text
-    defaults = TrainConfig()
+    def seed_default(option: str) -> str:  # "[default: from --recipe; seed X]" -> X
+        return re.search(r"seed([^\]]+)\]", text[text.index(option):]).group(1)
+
+    defaults = RECIPES["seed"]
+    assert defaults == TrainConfig()  # the dataclass defaults are the seed recipe
     assert shown_default("--variant") == "upsample"
-    assert shown_default("--ae-epochs") == str(defaults.ae_epochs) == "100"
-    assert shown_default("--cls-epochs") == str(defaults.cls_epochs) == "60"
-    assert shown_default("--batch-size") == str(defaults.batch_size) == "255"
-    assert float(shown_default("--lr")) == defaults.lr == 1e-3
+    assert shown_default("--recipe").startswith("seed")
+    assert seed_default("--ae-epochs") == str(defaults.ae_epochs) == "100"
+    assert seed_default("--cls-epochs") == str(defaults.cls_epochs) == "60"
+    assert seed_default("--dec-epochs") == str(defaults.dec_epochs) == "0"
+    assert seed_default("--batch-size") == str(defaults.batch_size) == "255"
+    assert float(seed_default("--lr")) == defaults.lr == 1e-3
     assert shown_default("--device") == "auto"
-    assert shown_default("--augment") == "no-augment"  # off in the seed recipe
+    assert seed_default("--augment") == "no-augment"  # off in the seed recipe
 
 
 @pytest.mark.parametrize(
@@ -119,9 +125,9 @@ def test_stop_resume_and_refusals_from_the_command_line(make_fake_root, tmp_path
 
     stopped = invoke(*common, "--stop-after-epochs", "1")
     assert stopped.exit_code == 0, stopped.output
-    assert stopped.stdout.strip() == ("stopped after ae 1/1, cls 0/1 epochs; "
+    assert stopped.stdout.strip() == ("stopped after ae 1/1, cls 0/1, dec 0/0 epochs; "
                                       "continue with --resume")
-    assert load_checkpoint(run_dir)["progress"] == {"ae": 1, "cls": 0}
+    assert load_checkpoint(run_dir)["progress"] == {"ae": 1, "cls": 0, "dec": 0}
 
     again = invoke(*common)
     line = assert_one_line_error(again, 1)
@@ -147,4 +153,4 @@ def test_stop_resume_and_refusals_from_the_command_line(make_fake_root, tmp_path
     assert metrics["variant"] == "upsample"  # the CLI's default variant
     assert [len(metrics["history"][phase]) for phase in ("ae", "cls")] == [1, 1]
     assert f"top-1 {metrics['test']['top1']:.2f}%" in summary[0]
-    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["progress"] == {"ae": 1, "cls": 1}
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["progress"] == {"ae": 1, "cls": 1, "dec": 0}

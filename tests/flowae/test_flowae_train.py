@@ -86,8 +86,8 @@ def split_run(tmp_path_factory, train_root) -> SplitRun:
 
 def test_stopped_calls_leave_a_checkpoint_and_no_results(split_run):
     assert [stop["stopped"] for stop in split_run.stops] == [True, True]
-    assert [stop["progress"] for stop in split_run.stops] == [{"ae": 1, "cls": 0},
-                                                              {"ae": 2, "cls": 1}]
+    assert [stop["progress"] for stop in split_run.stops] == [
+        {"ae": 1, "cls": 0, "dec": 0}, {"ae": 2, "cls": 1, "dec": 0}]
     assert split_run.saved_progress == [stop["progress"] for stop in split_run.stops]
     assert split_run.metrics_after_stops == [False, False]
     assert [len(split_run.stops[1]["history"][phase]) for phase in ("ae", "cls")] == [2, 1]
@@ -122,7 +122,7 @@ def test_checkpoint_holds_configs_optimizer_and_progress(whole_run):
     raw = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert raw["model_config"] == VARIANTS[VARIANT].to_dict()
     assert raw["train_config"] == TrainConfig(**OPTIONS).to_dict()
-    assert raw["progress"] == {"ae": 2, "cls": 2} and raw["phase"] == "cls"
+    assert raw["progress"] == {"ae": 2, "cls": 2, "dec": 0} and raw["phase"] == "cls"
     assert raw["history"] == metrics["history"] and raw["test"] == metrics["test"]
 
     model = model_from_checkpoint(raw)
@@ -320,7 +320,7 @@ def test_augment_option_reaches_training(make_fake_root, tmp_path):
         run_dir = tmp_path / f"augment-{augment}"
         result = run(root, run_dir, stop_after_epochs=1,
                      options={"batch_size": 4, "augment": augment})
-        assert result["progress"] == {"ae": 1, "cls": 0}
+        assert result["progress"] == {"ae": 1, "cls": 0, "dec": 0}
         saved = load_checkpoint(run_dir)
         assert saved["train_config"]["augment"] is augment
         weights[augment] = saved["model"]
