@@ -59,7 +59,7 @@ def test_res_variants_have_the_documented_shapes(name):
 
 
 def test_res_configs_round_trip_through_json_and_reject_bad_shapes():
-    config = get_variant("res24")
+    config = get_variant("res32")
     as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
     assert ModelConfig.from_dict(as_json) == config
     old = {k: v for k, v in VARIANTS["upsample"].to_dict().items() if k not in ("arch", "widths")}
@@ -174,7 +174,7 @@ def test_bad_recipe_fields_are_refused(change, message):
 
 
 def test_cli_picks_the_variants_recipe_and_flags_override_it(root, tmp_path):
-    assert default_recipe("upsample") == "seed" and default_recipe("res24") == "modern"
+    assert default_recipe("upsample") == "seed" and default_recipe("res32") == "modern"
     flags = ["--data-root", root, "--ae-epochs", "1", "--cls-epochs", "0", "--dec-epochs", "0",
              "--batch-size", "8", "--device", "cpu", "--no-progress", "--stop-after-epochs", "1"]
     configs = {}
