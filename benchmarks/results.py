@@ -1,8 +1,9 @@
 """Results table of training runs: variant, test top-1/top-5, parameters, wall time, command.
 
 Reads the metrics.json that flowae-train writes into each run directory and prints (and with
---out saves) the Markdown table that docs/RESULTS.md quotes. Imports click and the standard
-library only.
+--out saves) the Markdown table that docs/RESULTS.md quotes. The command column is rebuilt from
+the run's saved TrainConfig: the recipe it is closest to, then a flag for every field that
+differs. Imports click, the standard library and flowae.train (for the recipes).
 
     python -m benchmarks.results runs/base runs/bn runs/bn-dropout runs/upsample
 """
@@ -28,10 +29,7 @@ def result_row(run_dir: Path) -> dict:
     config = metrics["train_config"]
     history = metrics["history"]
     best_val = max((row["val_top1"] for row in history["cls"]), default=float("nan"))
-    command = (f"flowae-train --variant {metrics['variant']} --data-root DATA --out {run_dir}"
-               + (f" --ae-epochs {config['ae_epochs']}" if config["ae_epochs"] != 100 else "")
-               + (f" --cls-epochs {config['cls_epochs']}" if config["cls_epochs"] != 60 else "")
-               + (" --augment" if config.get("augment") else ""))
+    command = train_command(metrics["variant"], config, run_dir)
     return {
         "variant": metrics["variant"],
         "test_top1": metrics["test"]["top1"],
@@ -40,12 +38,40 @@ def result_row(run_dir: Path) -> dict:
         "best_val_top1": best_val,
         "test_recon_mse": metrics["test"]["recon_mse"],
         "parameters": metrics["parameters"],
-        "epochs": f"{config['ae_epochs']}+{config['cls_epochs']}",
+        "epochs": f"{config['ae_epochs']}+{config['cls_epochs']}"
+                  + (f"+{config['dec_epochs']}" if config.get("dec_epochs") else ""),
         "train_min": metrics["train_seconds"] / 60.0,
         "data_load_s": metrics["data_load_seconds"],
         "device": metrics["device"],
         "command": command,
     }
+
+
+FLAGS = {"ae_epochs": "--ae-epochs", "cls_epochs": "--cls-epochs", "dec_epochs": "--dec-epochs",
+         "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}
+
+
+def train_command(variant: str, config: dict, run_dir: Path) -> str:
+    """The flowae-train command line that reproduces `config` (device left to auto)."""
+    from flowae.train import RECIPES, default_recipe
+
+    def differing(name: str) -> dict:
+        recipe = RECIPES[name].to_dict()
+        return {k: v for k, v in config.items() if k != "device" and recipe.get(k) != v}
+
+    default = default_recipe(variant)
+    recipe = min(RECIPES, key=lambda name: (len(differing(name)), name != default))
+    parts = [f"flowae-train --variant {variant} --data-root DATA --out {run_dir}"]
+    if recipe != default:
+        parts.append(f"--recipe {recipe}")
+    for key, value in differing(recipe).items():
+        if key in FLAGS:
+            parts.append(f"{FLAGS[key]} {value}")
+        elif key == "augment":
+            parts.append("--augment" if value else "--no-augment")
+        else:
+            parts.append(f"--set {key}={str(value).lower() if isinstance(value, bool) else value}")
+    return " ".join(parts)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -41,3 +41,33 @@ def test_results_refuses_unfinished_run(tmp_path):
     assert done.returncode == 1
     assert "not a finished run" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_command_column_reproduces_the_runs_training_options(fake_root, tmp_path):
+    """A run of res16 with options off its recipe: the rebuilt command, run for one epoch,
+    saves the same TrainConfig (device aside)."""
+    from flowae.train import RECIPES
+
+    config = {**RECIPES["modern"].to_dict(), "cls_epochs": 300, "cutmix": 0.5, "bf16": False,
+              "device": "cpu"}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    history = {"ae": [], "cls": [{"val_top1": 40.0}], "dec": []}
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "variant": "res16", "train_config": config, "history": history, "parameters": 1,
+        "test": {"top1": 1.0, "top5": 2.0, "recon_mse": 0.1}, "train_seconds": 60.0,
+        "data_load_seconds": 1.0, "device": "cpu"}))
+    done = results(run_dir)
+    assert done.returncode == 0, done.stderr
+    command = done.stdout.splitlines()[2].split("`")[1]
+    assert command == (f"flowae-train --variant res16 --data-root DATA --out {run_dir} "
+                       "--cls-epochs 300 --set bf16=false --set cutmix=0.5")
+    replay = tmp_path / "replay"
+    args = command.replace("DATA", str(fake_root)).replace(str(run_dir), str(replay)).split()[1:]
+    trained = subprocess.run([sys.executable, "-m", "flowae.cli", *args, "--device", "cpu",
+                              "--stop-after-epochs", "1", "--no-progress"],
+                             cwd=REPO, capture_output=True, text=True, check=False)
+    assert trained.returncode == 0, trained.stderr
+    from flowae.checkpoint import load_checkpoint
+
+    assert load_checkpoint(replay)["train_config"] == config
