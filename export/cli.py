@@ -64,8 +64,12 @@ def _summary(manifest: dict, out_dir: Path) -> list[str]:
                    "accuracy).")
 @click.option("--rewrite-convs/--no-rewrite-convs", default=_D.rewrite_convs,
               help="Exact convolution rewrite for onnxruntime's CPU kernels.")
+@click.option("--resize-px", type=click.IntRange(min=1), default=_D.resize_px,
+              help="Test-time resize of the shorter side before the centre crop, written "
+                   "into the metadata the runtime follows; choose it on val with `python -m "
+                   "benchmarks.resize RUN`  [default: the model's input side]")
 def main(run, out_dir, data_root, opset, int8, fp16, int8_max_drop, allow_accuracy_drop,
-         calibration_images, split, max_images, recommend, rewrite_convs):
+         calibration_images, split, max_images, recommend, rewrite_convs, resize_px):
     """Export a flowae run to ONNX graphs proven equal to PyTorch."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     ort.set_default_logger_severity(3)  # errors only: its warnings are about its own fusions
@@ -73,7 +77,7 @@ def main(run, out_dir, data_root, opset, int8, fp16, int8_max_drop, allow_accura
         data_root=data_root, opset=opset, int8=int8, fp16=fp16,
         int8_max_drop_points=int8_max_drop, allow_accuracy_drop=allow_accuracy_drop,
         calibration_images=calibration_images, split=split, max_images=max_images,
-        recommend=recommend, rewrite_convs=rewrite_convs,
+        recommend=recommend, rewrite_convs=rewrite_convs, resize_px=resize_px,
     )
     try:
         manifest = export_model(run, out_dir, options)

@@ -84,6 +84,8 @@ class ExportOptions:
     rewrite_convs: bool = True  # exact conv rewrite for onnxruntime's CPU kernels (convs.py)
     trace_batch: int = 2  # batch of the example input; >= 2 keeps the batch axis dynamic
     split: str = "val"  # images for the parity gate and the accuracy figures
+    resize_px: int | None = None  # test-time resize of the shorter side before the centre
+    # crop; None: the input side. Choose it on val (python -m benchmarks.resize).
     max_images: int | None = None  # use the split's first N images only; None: all of it
     fp32_atol: float = 1e-4  # parity gate: max |onnx - torch| on logits, latent, decoder
     fp16_atol: float = 1e-2  # fp16 gate: |onnx - torch| <= fp16_atol + fp16_rtol * |torch|
@@ -148,7 +150,7 @@ class _Export:
     def __init__(self, model: FlowAE, payload: dict, checkpoint: Path, options: ExportOptions,
                  work: Path):
         self.model, self.options, self.work = model, options, work
-        self.preprocess = preprocess_for(model.config)
+        self.preprocess = preprocess_for(model.config, options.resize_px)
         self.shapes = tensor_shapes(model)
         test = payload.get("test") or {}
         self.provenance = {
@@ -356,7 +358,7 @@ def export_model(run_dir_or_checkpoint: Path, out_dir: Path,
     checkpoint = resolve_checkpoint(Path(run_dir_or_checkpoint))
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload)
-    preprocess = preprocess_for(model.config)
+    preprocess = preprocess_for(model.config, options.resize_px)
     images, labels = _load_images(options.data_root, options.split, preprocess,
                                   options.max_images)
     calibration = (_calibration_images(options.data_root, preprocess,

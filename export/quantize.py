@@ -25,7 +25,7 @@ FP16_OPS = frozenset({
     "Conv", "ConvTranspose", "Relu", "Tanh", "Sigmoid", "MaxPool", "AveragePool", "Gemm",
     "MatMul", "Add", "Mul", "Sub", "Div", "Reshape", "Flatten", "Transpose", "Resize", "Pad",
     "Identity", "Concat", "Slice", "Split", "Squeeze", "Unsqueeze", "BatchNormalization",
-    "Shape", "Gather", "Max", "Min",
+    "Shape", "Gather", "Max", "Min", "ReduceMean", "GlobalAveragePool",
 })
 _FLOAT32_INPUTS = {"Resize": (1, 2)}  # roi and scales stay float32 in every opset
 FP16_MAX = 65504.0

@@ -30,10 +30,14 @@ BASE_FOLDER = "flowers-102"
 DEFAULT_DATA_ROOT = Path("data/flowers102")  # where --download puts it unless told otherwise
 
 
-def preprocess_for(model_config) -> Preprocess:
-    """The preprocessing rule a model config trains and deploys with (contract defaults)."""
+def preprocess_for(model_config, resize_px: int | None = None) -> Preprocess:
+    """The preprocessing rule a model config trains and deploys with (contract defaults):
+    shorter side resized to `resize_px` (default: the input side), then a centre crop."""
     side = model_config.image_size_px
-    return Preprocess(image_size_px=side, resize_px=side)
+    resize_px = side if resize_px is None else resize_px
+    if resize_px < side:
+        raise DataError(f"resize size must be >= the model's input side {side}, got {resize_px}")
+    return Preprocess(image_size_px=side, resize_px=resize_px)
 
 
 def eval_transform(preprocess: Preprocess) -> T.Compose:
