@@ -68,8 +68,12 @@ def _summary(manifest: dict, out_dir: Path) -> list[str]:
               help="Test-time resize of the shorter side before the centre crop, written "
                    "into the metadata the runtime follows; choose it on val with `python -m "
                    "benchmarks.resize RUN`  [default: the model's input side]")
+@click.option("--test-accuracy", is_flag=True,
+              help="Measure PyTorch's test-split top-1/top-5 with the exported preprocessing "
+                   "into the metadata (for a final candidate chosen on val).")
 def main(run, out_dir, data_root, opset, int8, fp16, int8_max_drop, allow_accuracy_drop,
-         calibration_images, split, max_images, recommend, rewrite_convs, resize_px):
+         calibration_images, split, max_images, recommend, rewrite_convs, resize_px,
+         test_accuracy):
     """Export a flowae run to ONNX graphs proven equal to PyTorch."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     ort.set_default_logger_severity(3)  # errors only: its warnings are about its own fusions
@@ -78,6 +82,7 @@ def main(run, out_dir, data_root, opset, int8, fp16, int8_max_drop, allow_accura
         int8_max_drop_points=int8_max_drop, allow_accuracy_drop=allow_accuracy_drop,
         calibration_images=calibration_images, split=split, max_images=max_images,
         recommend=recommend, rewrite_convs=rewrite_convs, resize_px=resize_px,
+        test_accuracy=test_accuracy,
     )
     try:
         manifest = export_model(run, out_dir, options)

@@ -86,6 +86,9 @@ class ExportOptions:
     split: str = "val"  # images for the parity gate and the accuracy figures
     resize_px: int | None = None  # test-time resize of the shorter side before the centre
     # crop; None: the input side. Choose it on val (python -m benchmarks.resize).
+    test_accuracy: bool = False  # measure PyTorch's test top-1/top-5 with the exported
+    # preprocessing into the metadata (for a final candidate; the run's own test figures
+    # hold only for the preprocessing it trained with)
     max_images: int | None = None  # use the split's first N images only; None: all of it
     fp32_atol: float = 1e-4  # parity gate: max |onnx - torch| on logits, latent, decoder
     fp16_atol: float = 1e-2  # fp16 gate: |onnx - torch| <= fp16_atol + fp16_rtol * |torch|
@@ -148,14 +151,20 @@ class _Export:
     """One export in a scratch directory: graphs, figures and the manifest's pieces."""
 
     def __init__(self, model: FlowAE, payload: dict, checkpoint: Path, options: ExportOptions,
-                 work: Path):
+                 work: Path, test_figures: dict | None = None):
         self.model, self.options, self.work = model, options, work
         self.preprocess = preprocess_for(model.config, options.resize_px)
         self.shapes = tensor_shapes(model)
-        test = payload.get("test") or {}
+        if test_figures is not None:
+            test, source = test_figures, "flowae-export --test-accuracy (PyTorch, this resize)"
+        elif self.preprocess == preprocess_for(model.config):
+            test, source = payload.get("test") or {}, "flowae-train (end of the run)"
+        else:  # the run measured test with another resize: its figures do not describe this
+            test, source = {}, "not measured with this preprocessing (see --test-accuracy)"
         self.provenance = {
             "checkpoint_sha256": file_sha256(checkpoint),
             EXTRA_TEST_TOP1: test.get("top1"), EXTRA_TEST_TOP5: test.get("top5"),
+            "test_figures_from": source,
             "exporter": EXPORTER, "rewrite_convs": options.rewrite_convs,
             "exported_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
@@ -292,6 +301,7 @@ def _manifest(export: _Export, checkpoint: Path, options: ExportOptions, accurac
                        provenance["checkpoint_sha256"],
                        "test_top1": provenance[EXTRA_TEST_TOP1],
                        "test_top5": provenance[EXTRA_TEST_TOP5],
+                       "test_figures_from": provenance["test_figures_from"],
                        "train_config": provenance["train_config"],
                        "train_seconds": provenance["train_seconds"]},
         "exporter": EXPORTER,
@@ -316,6 +326,16 @@ def _load_images(root: Path, split: str, preprocess: Preprocess, limit: int | No
     data = load_split(root, split, preprocess)
     images, labels = data.images[:limit], data.labels[:limit]
     return to_float(images, preprocess).numpy(), labels.numpy()
+
+
+def _test_accuracy(model: FlowAE, root: Path, preprocess: Preprocess) -> dict:
+    """PyTorch's top-1/top-5 (%) on the whole test split with `preprocess`."""
+    from flowae.distributed import DistInfo
+    from flowae.train import evaluate
+
+    test = load_split(root, "test", preprocess)
+    result = evaluate(model, test, preprocess, 128, torch.device("cpu"), DistInfo())
+    return {"top1": result["top1"], "top5": result["top5"], "images": len(test)}
 
 
 def _calibration_images(root: Path, preprocess: Preprocess, count: int, seed: int) -> np.ndarray:
@@ -365,6 +385,8 @@ def export_model(run_dir_or_checkpoint: Path, out_dir: Path,
                                        options.calibration_images, options.calibration_seed)
                    if options.int8 else None)
     reference = parity.torch_reference(model, torch.from_numpy(images))
+    test_figures = (_test_accuracy(model, options.data_root, preprocess)
+                    if options.test_accuracy else None)
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +394,7 @@ def export_model(run_dir_or_checkpoint: Path, out_dir: Path,
     except OSError as exc:
         raise ExportError(f"cannot write beside {out_dir}: {exc.strerror or exc}") from exc
     try:
-        export = _Export(model, payload, checkpoint, options, work)
+        export = _Export(model, payload, checkpoint, options, work, test_figures)
         export.fp32(images, reference)
         if options.int8:
             export.int8(calibration, images, reference)

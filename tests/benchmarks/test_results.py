@@ -48,7 +48,7 @@ def test_command_column_reproduces_the_runs_training_options(fake_root, tmp_path
     saves the same TrainConfig (device aside)."""
     from flowae.train import RECIPES
 
-    config = {**RECIPES["modern"].to_dict(), "cls_epochs": 300, "cutmix": 0.5, "bf16": False,
+    config = {**RECIPES["modern"].to_dict(), "cls_epochs": 200, "cutmix": 0.5, "bf16": False,
               "device": "cpu"}
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -61,7 +61,7 @@ def test_command_column_reproduces_the_runs_training_options(fake_root, tmp_path
     assert done.returncode == 0, done.stderr
     command = done.stdout.splitlines()[2].split("`")[1]
     assert command == (f"flowae-train --variant res16 --data-root DATA --out {run_dir} "
-                       "--cls-epochs 300 --set bf16=false --set cutmix=0.5")
+                       "--cls-epochs 200 --set bf16=false --set cutmix=0.5")
     replay = tmp_path / "replay"
     args = command.replace("DATA", str(fake_root)).replace(str(run_dir), str(replay)).split()[1:]
     trained = subprocess.run([sys.executable, "-m", "flowae.cli", *args, "--device", "cpu",

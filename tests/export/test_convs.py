@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,3 +92,34 @@ def test_fold_needs_eval_mode():
     model = build_model(VARIANTS["bn"]).train()
     with pytest.raises(ValueError, match="eval-mode"):
         fold_convolutions(model.decoder, model.latent_shape())
+
+
+def test_explicit_pads_go_in_front_of_full_convolutions_only():
+    """A convolution padded wider than "same" gets a Pad node; a "same" one keeps its own
+    padding. Both graphs compute the same outputs in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from flowae.export.onnx_export import with_explicit_pads
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["same"], pads=[1, 1, 1, 1],
+                              kernel_shape=[3, 3]),
+             helper.make_node("Conv", ["same", "w2"], ["y"], pads=[2, 2, 2, 2])]  # full
+    graph = helper.make_graph(
+        nodes, "pads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 10, 10])], weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    rewritten = with_explicit_pads(proto)
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert [n.op_type for n in rewritten.graph.node] == ["Conv", "Pad", "Conv"]
+    pads = {n.output[0]: list(next(a.ints for a in n.attribute if a.name == "pads"))
+            for n in rewritten.graph.node if n.op_type == "Conv"}
+    assert pads == {"same": [1, 1, 1, 1], "y": [0, 0, 0, 0]}
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+               .run(None, {"x": x})[0] for m in (proto, rewritten)]
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

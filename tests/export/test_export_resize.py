@@ -27,7 +27,7 @@ RESIZE = 120  # the fake JPEGs are larger than this on their shorter side
 def resized_export(tiny_runs, fake_root, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("resized") / "model"
     options = ExportOptions(data_root=fake_root, int8=True, fp16=True, resize_px=RESIZE,
-                            int8_max_drop_points=100.0, latency_rounds=2)
+                            int8_max_drop_points=100.0, latency_rounds=2, test_accuracy=True)
     return out_dir, export_model(tiny_runs["res16"], out_dir, options)
 
 
@@ -82,3 +82,29 @@ def test_resize_sweep_script_reports_val_top1_per_size(tiny_runs, fake_root, tmp
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "expected integers" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_test_figures_describe_the_exported_preprocessing(resized_export, tiny_runs, fake_root,
+                                                          tmp_path):
+    # --test-accuracy: PyTorch's test top-1 with the exported resize, recomputed here.
+    out_dir, manifest = resized_export
+    model = model_from_checkpoint(load_checkpoint(tiny_runs["res16"])).eval()
+    preprocess = preprocess_for(model.config, RESIZE)
+    test = load_split(fake_root, "test", preprocess)
+    with torch.no_grad():
+        logits, _ = model(to_float(test.images, preprocess))
+    top1 = 100.0 * (logits.argmax(dim=1) == test.labels).float().mean().item()
+    assert manifest["checkpoint"]["test_top1"] == pytest.approx(top1)
+    assert "--test-accuracy" in manifest["checkpoint"]["test_figures_from"]
+    extra = load_graph(out_dir / graph_file(ROLE_ENCODER_CLASSIFIER), ROLE_ENCODER_CLASSIFIER,
+                       "CPUExecutionProvider", 1).metadata.extra
+    assert extra["test_top1"] == pytest.approx(top1)
+
+    # Without it, another resize drops the run's own figures (measured at the input side)
+    # rather than pass them off as this model's; the default resize keeps them.
+    run_test = load_checkpoint(tiny_runs["res16"])["test"]["top1"]
+    for resize, expected in ((RESIZE, None), (None, run_test)):
+        plain = export_model(tiny_runs["res16"], tmp_path / f"model-{resize}",
+                             ExportOptions(data_root=fake_root, resize_px=resize,
+                                           latency_rounds=2))
+        assert plain["checkpoint"]["test_top1"] == expected

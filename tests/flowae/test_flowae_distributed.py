@@ -87,7 +87,7 @@ def test_torchrun_two_processes_finish_and_write_the_results_once(torchrun):
     assert [row["epoch"] for row in metrics["history"]["cls"]] == [1]
     assert 0 <= metrics["test"]["top1"] <= metrics["test"]["top5"] <= 100
     checkpoint = load_checkpoint(run_dir)
-    assert checkpoint["progress"] == {"ae": 1, "cls": 1}
+    assert checkpoint["progress"] == {"ae": 1, "cls": 1, "dec": 0}
     assert checkpoint["test"] == metrics["test"]
     model_from_checkpoint(checkpoint)  # DDP's wrapper left no "module." prefix in the weights
 
