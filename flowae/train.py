@@ -147,12 +147,8 @@ class _Reconstruct(nn.Module):
         return self.decoder(self.encoder(images))  # (B, 3, H, W)
 
 
-class _Refit(nn.Module):
+class _Refit(_Reconstruct):
     """Phase 3 graph: the frozen encoder (eval mode, no gradient) feeds the decoder."""
-
-    def __init__(self, model: FlowAE):
-        super().__init__()
-        self.encoder, self.decoder = model.encoder, model.decoder
 
     def train(self, mode: bool = True) -> _Refit:
         super().train(mode)
@@ -211,7 +207,7 @@ class Batches:
         `seed` is the same on every rank: all ranks draw one order and each takes its share of
         every global batch, so the shards of a step partition that batch.
         """
-        split = self.ae_train if phase != "cls" and self.ae_train is not None else self.train
+        split = self.split_for(phase)
         key = "ae" if split is self.ae_train else "train"
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
         generator = torch.Generator().manual_seed(seed + dist.rank)  # augmentation, per rank
@@ -229,9 +225,12 @@ class Batches:
                                    generator, self.crop_scale_min)
             yield to_float(images.to(device), self.preprocess), labels
 
+    def split_for(self, phase: str) -> TensorSplit:
+        """Phase 2 trains on the train split; phases 1 and 3 on `ae_train` when there is one."""
+        return self.ae_train if phase != "cls" and self.ae_train is not None else self.train
+
     def steps_per_epoch(self, batch_size: int, phase: str) -> int:
-        split = self.ae_train if phase != "cls" and self.ae_train is not None else self.train
-        return max(1, math.ceil(len(split) / batch_size))
+        return max(1, math.ceil(len(self.split_for(phase)) / batch_size))
 
 
 def augment_batch(images: torch.Tensor, size_px: int, generator: torch.Generator,
