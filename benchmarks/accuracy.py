@@ -27,7 +27,18 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks.machine import (  # noqa: E402
+    NO_CUDA,
+    device_label,
+    machine_header,
+    ort_cuda_available,
+    torch_cuda_available,
+    usable_cores,
+)
+from benchmarks.options import DEFAULT_DATA_ROOT, DEFAULT_OUT, BenchmarkError  # noqa: E402
+from benchmarks.report import Column, Section, echo_paths, failed, write_report  # noqa: E402
+from benchmarks.sources import ModelSource, file_mb, prepare_sources, weights_mb  # noqa: E402
+from benchmarks.timing import gc_paused, ratio  # noqa: E402
 from flowae.runtime.contract import (  # noqa: E402
     MANIFEST_NAME,
     ROLE_ENCODER_CLASSIFIER,
@@ -77,7 +88,7 @@ Logits = Callable[[np.ndarray], np.ndarray]  # float32 (B, 3, S, S) -> (B, class
 
 
 # ----------------------------------------------------------------------------- inputs
-def preprocess_rule(source: common.ModelSource) -> Preprocess:
+def preprocess_rule(source: ModelSource) -> Preprocess:
     """The rule the runtime applies: the ONNX metadata's, else the checkpoint's config."""
     if source.model_dir is not None:
         from flowae.runtime.predictor import load_graph
@@ -94,7 +105,7 @@ def preprocess_rule(source: common.ModelSource) -> Preprocess:
 def load_inputs(data_root: Path, split: str, spec: Preprocess, limit: int | None,
                 workers: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(float32 (N, 3, S, S), int64 labels (N,), seconds): the runtime's preprocessing, once."""
-    from flowae.runtime.evaluate import flowers102_split
+    from flowae.runtime.datasets import flowers102_split
     from flowae.runtime.preprocess import load_pixels, normalize
 
     paths, labels = flowers102_split(Path(data_root), split)
@@ -142,23 +153,23 @@ def ort_logits(path: Path, provider: str, threads: int | None) -> Logits:
     return run
 
 
-def plan_row(fmt: Format, source: common.ModelSource, threads: int | None
+def plan_row(fmt: Format, source: ModelSource, threads: int | None
              ) -> tuple[dict, Callable[[], Logits] | None]:
     row = {"format": fmt.name, "engine": fmt.engine, "precision": fmt.precision,
-           "device": fmt.device, "device_name": common.device_label(fmt.device),
+           "device": fmt.device, "device_name": device_label(fmt.device),
            "status": "ok", "file": None, "size_mb": None}
     if fmt.engine == "torch":
-        if fmt.device == "cuda" and not common.torch_cuda_available():
-            row["status"] = common.NO_CUDA
+        if fmt.device == "cuda" and not torch_cuda_available():
+            row["status"] = NO_CUDA
             return row, None
         if source.checkpoint is None:
             row["status"] = "skipped: no checkpoint (give --run)"
             return row, None
         row["file"] = str(source.checkpoint)
-        row["size_mb"] = common.weights_mb(source.checkpoint, ROLE_ENCODER_CLASSIFIER)
+        row["size_mb"] = weights_mb(source.checkpoint, ROLE_ENCODER_CLASSIFIER)
         return row, lambda: torch_logits(source.checkpoint, fmt.device, threads)
-    if fmt.device == "cuda" and not common.ort_cuda_available():
-        row["status"] = (common.NO_CUDA if not common.torch_cuda_available() else
+    if fmt.device == "cuda" and not ort_cuda_available():
+        row["status"] = (NO_CUDA if not torch_cuda_available() else
                          "skipped: onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu)")
         return row, None
     if source.model_dir is None:
@@ -169,7 +180,7 @@ def plan_row(fmt: Format, source: common.ModelSource, threads: int | None
         row["status"] = f"skipped: export wrote no {path.name}"
         return row, None
     provider = "CUDAExecutionProvider" if fmt.device == "cuda" else "CPUExecutionProvider"
-    row["file"], row["size_mb"] = str(path), common.file_mb(path)
+    row["file"], row["size_mb"] = str(path), file_mb(path)
     return row, lambda: ort_logits(path, provider, threads)
 
 
@@ -184,7 +195,7 @@ def evaluate(create: Callable[[], Logits], images: np.ndarray, labels: np.ndarra
     for _ in range(config.warmup_batches):
         run(batches[0])
     outputs, seconds = [], 0.0
-    with common.gc_paused():
+    with gc_paused():
         for batch in batches:
             tick = time.perf_counter()
             outputs.append(run(batch))
@@ -201,12 +212,12 @@ def evaluate(create: Callable[[], Logits], images: np.ndarray, labels: np.ndarra
     return result, top5[:, 0]
 
 
-def run_accuracy(source: common.ModelSource, images: np.ndarray, labels: np.ndarray,
+def run_accuracy(source: ModelSource, images: np.ndarray, labels: np.ndarray,
                  config: AccuracyConfig, progress=None) -> list[dict]:
     import torch
 
     threads_before = torch.get_num_threads()
-    threads = config.threads or common.usable_cores()
+    threads = config.threads or usable_cores()
     rows, predictions = [], {}
     try:
         for fmt in FORMATS:
@@ -220,7 +231,7 @@ def run_accuracy(source: common.ModelSource, images: np.ndarray, labels: np.ndar
                     row.update(result)
                     predictions[fmt.name] = top1
                 except Exception as exc:  # a format that fails is a row that says so
-                    row["status"] = common.failed(exc)
+                    row["status"] = failed(exc)
             rows.append(row)
     finally:
         torch.set_num_threads(threads_before)
@@ -235,7 +246,7 @@ def add_comparisons(rows: list[dict], predictions: dict[str, np.ndarray]) -> Non
     for row in rows:
         base = eager.get(row["device"])
         if base is not None and "images_per_s" in row:
-            row["speedup_vs_eager"] = common.ratio(row["images_per_s"], base["images_per_s"])
+            row["speedup_vs_eager"] = ratio(row["images_per_s"], base["images_per_s"])
         if reference is not None and row["format"] in predictions:
             row["top1_agree_pct"] = 100.0 * float(
                 (predictions[row["format"]] == predictions[reference]).mean())
@@ -243,7 +254,7 @@ def add_comparisons(rows: list[dict], predictions: dict[str, np.ndarray]) -> Non
 
 
 # ----------------------------------------------------------------------------- report
-def run_figures(source: common.ModelSource) -> list[str]:
+def run_figures(source: ModelSource) -> list[str]:
     """What the training run and the export recorded, to read the table against."""
     import json
 
@@ -268,18 +279,18 @@ def run_figures(source: common.ModelSource) -> list[str]:
     return notes
 
 
-def sections(rows: list[dict], config: AccuracyConfig, source: common.ModelSource,
-             images: int) -> list[common.Section]:
+def sections(rows: list[dict], config: AccuracyConfig, source: ModelSource,
+             images: int) -> list[Section]:
     columns = [
-        common.Column("format", "Format"), common.Column("status", "Status"),
-        common.Column("size_mb", "Size (MB)", "{:.2f}"),
-        common.Column("top1", f"{config.split} top-1 %", "{:.2f}"),
-        common.Column("top5", "top-5 %", "{:.2f}"),
-        common.Column("ms_per_image", "ms/image", "{:.4f}"),
-        common.Column("images_per_s", "images/s", "{:.0f}"),
-        common.Column("speedup_vs_eager", "speed-up vs eager", "{:.2f}"),
-        common.Column("top1_agree_pct", "top-1 agrees %", "{:.2f}"),
-        common.Column("device_name", "Device"), common.Column("threads", "Threads"),
+        Column("format", "Format"), Column("status", "Status"),
+        Column("size_mb", "Size (MB)", "{:.2f}"),
+        Column("top1", f"{config.split} top-1 %", "{:.2f}"),
+        Column("top5", "top-5 %", "{:.2f}"),
+        Column("ms_per_image", "ms/image", "{:.4f}"),
+        Column("images_per_s", "images/s", "{:.0f}"),
+        Column("speedup_vs_eager", "speed-up vs eager", "{:.2f}"),
+        Column("top1_agree_pct", "top-1 agrees %", "{:.2f}"),
+        Column("device_name", "Device"), Column("threads", "Threads"),
     ]
     notes = [
         f"{images} images of the {config.split} split, each decoded and preprocessed once by "
@@ -291,7 +302,7 @@ def sections(rows: list[dict], config: AccuracyConfig, source: common.ModelSourc
         "top-1 agrees: share of images whose top-1 equals the first row's that ran.",
         *run_figures(source),
     ]
-    return [common.Section(f"Formats ({source.name}: {source.origin})", rows, columns, notes)]
+    return [Section(f"Formats ({source.name}: {source.origin})", rows, columns, notes)]
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -331,7 +342,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
               help="flowae-export output directory (with --run: the same model).")
 @click.option("--variant", help="Fresh seeded weights of this variant, exported here (a smoke "
                                 "test: its accuracy is chance).")
-@click.option("--data-root", type=click.Path(path_type=Path), default=common.DEFAULT_DATA_ROOT,
+@click.option("--data-root", type=click.Path(path_type=Path), default=DEFAULT_DATA_ROOT,
               show_default=True, help="Folder holding flowers-102/.")
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1),
@@ -342,7 +353,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
               help="CPU threads for torch and onnxruntime [default: one per usable core].")
 @click.option("--quick", is_flag=True, help="Smoke-test size: 64 images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --variant.")
-@click.option("--out", type=click.Path(path_type=Path), default=common.DEFAULT_OUT / NAME,
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT / NAME,
               show_default=True, help="Folder for accuracy.json, accuracy.md, accuracy.png.")
 def main(run, model_dir, variant, data_root, split, limit, batch_size, threads, quick, seed,
          out):
@@ -352,20 +363,20 @@ def main(run, model_dir, variant, data_root, split, limit, batch_size, threads, 
         "limit": limit, "batch_size": batch_size, "threads": threads}.items() if v is not None})
     try:
         if variant and (run or model_dir):
-            raise common.BenchmarkError("give --variant alone, or --run and/or --model-dir")
+            raise BenchmarkError("give --variant alone, or --run and/or --model-dir")
         if not (run or model_dir or variant):
-            raise common.BenchmarkError("give a model: --run RUN, --model-dir DIR (or both), "
+            raise BenchmarkError("give a model: --run RUN, --model-dir DIR (or both), "
                                         "or --variant NAME")
         with tempfile.TemporaryDirectory(prefix="flowae-bench-") as tmp:
-            header = common.machine_header()
-            (source,) = common.prepare_sources(
+            header = machine_header()
+            (source,) = prepare_sources(
                 [run] if run else [], [model_dir] if model_dir else [],
                 [variant] if variant else [], seed=seed, work_dir=Path(tmp),
                 data_root=data_root, quick_export=quick)
             spec = preprocess_rule(source)
             click.echo(f"decoding the {split} split of {data_root}", err=True)
             images, labels, decode_s = load_inputs(data_root, split, spec, config.limit,
-                                                   common.usable_cores())
+                                                   usable_cores())
             rows = run_accuracy(source, images, labels, config,
                                 progress=lambda text: click.echo(f"running {text}", err=True))
     except FlowaeError as exc:
@@ -374,16 +385,16 @@ def main(run, model_dir, variant, data_root, split, limit, batch_size, threads, 
         "model": f"{source.name}: {source.origin}",
         "data": f"{len(labels)} images of the {split} split in {data_root}, decoded and "
                 f"preprocessed once in {decode_s:.1f} s",
-        "threads": f"{config.threads or common.usable_cores()} (torch intra-op and "
+        "threads": f"{config.threads or usable_cores()} (torch intra-op and "
                    "onnxruntime intra-op; inter-op 1)",
         "batch size": config.batch_size,
     }
     secs = sections(rows, config, source, len(labels))
-    paths = common.write_report(out, NAME, "Accuracy and speed per format", header, rows, secs,
+    paths = write_report(out, NAME, "Accuracy and speed per format", header, rows, secs,
                                 extra={"config": asdict(config)})
     paths["plot"] = plot(rows, Path(out) / f"{NAME}.png")
     click.echo(paths["markdown"].read_text())
-    click.echo(common.echo_paths(paths))
+    click.echo(echo_paths(paths))
 
 
 if __name__ == "__main__":

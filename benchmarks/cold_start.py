@@ -30,11 +30,20 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks.machine import machine_header  # noqa: E402
+from benchmarks.options import (  # noqa: E402
+    DEFAULT_DATA_ROOT,
+    DEFAULT_OUT,
+    DEFAULT_PHOTOS,
+    BenchmarkError,
+)
+from benchmarks.report import Column, Section, echo_paths, write_report  # noqa: E402
+from benchmarks.sources import check_one_model, one_runtime_model  # noqa: E402
+from benchmarks.timing import latency_stats  # noqa: E402
 from flowae.runtime.errors import FlowaeError  # noqa: E402
 
 NAME = "cold_start"
-TARGET_S = 0.5  # issue 5: a cold `flowae-infer photo.jpg` in at most 0.5 s wall
+TARGET_S = 0.5  # the target: a cold `flowae-infer photo.jpg` in at most 0.5 s wall
 # Modules the device runtime must never load (its docstring and the style guide say so).
 FORBIDDEN = ("torch", "torchvision", "scipy", "matplotlib", "flowae.export", "flowae.train",
              "flowae.models", "flowae.data", "flowae.checkpoint", "flowae.cli")
@@ -79,7 +88,7 @@ def infer_command() -> list[str]:
     script = Path(sys.executable).parent / "flowae-infer"
     found = str(script) if script.is_file() else shutil.which("flowae-infer")
     if found is None:
-        raise common.BenchmarkError("flowae-infer is not installed in this environment "
+        raise BenchmarkError("flowae-infer is not installed in this environment "
                                     "(pip install -e . gives it)")
     return [sys.executable, found]
 
@@ -100,7 +109,7 @@ def time_launches(label: str, command: list[str], repeats: int, cwd: Path) -> di
         row["status"] = f"failed: exit {done.returncode}: {lines[-1] if lines else ''}"
         return row
     samples = [launch(command, cwd)[0] for _ in range(repeats)]
-    row.update({"first_ms": first_ms, **common.latency_stats(samples)})
+    row.update({"first_ms": first_ms, **latency_stats(samples)})
     row["max_ms"] = float(np.max(samples))
     return row
 
@@ -188,7 +197,7 @@ def run_cold_start(photo: Path, model: Path | None, config: ColdStartConfig, pro
     return rows, checks, breakdown, totals
 
 
-def sections(rows, checks, breakdown, totals) -> list[common.Section]:
+def sections(rows, checks, breakdown, totals) -> list[Section]:
     infer = rows[-1]
     notes = ["Wall time of whole processes, launch to exit (perf_counter in the parent). "
              "First: the first launch of that row in this run; p50/min/max over the rest. "
@@ -199,25 +208,25 @@ def sections(rows, checks, breakdown, totals) -> list[common.Section]:
                      f"{p50_s:.3f} s ({'met' if p50_s <= TARGET_S else 'missed'}), first "
                      f"launch {first_s:.3f} s ({'met' if first_s <= TARGET_S else 'missed'}).")
     return [
-        common.Section("Process wall time", rows, [
-            common.Column("row", "What"), common.Column("status", "Status"),
-            common.Column("first_ms", "First (ms)", "{:.0f}"),
-            common.Column("p50_ms", "p50 (ms)", "{:.0f}"),
-            common.Column("min_ms", "min (ms)", "{:.0f}"),
-            common.Column("max_ms", "max (ms)", "{:.0f}"),
-            common.Column("minus_interpreter_ms", "- interpreter (ms)", "{:.0f}"),
-            common.Column("n", "n"),
+        Section("Process wall time", rows, [
+            Column("row", "What"), Column("status", "Status"),
+            Column("first_ms", "First (ms)", "{:.0f}"),
+            Column("p50_ms", "p50 (ms)", "{:.0f}"),
+            Column("min_ms", "min (ms)", "{:.0f}"),
+            Column("max_ms", "max (ms)", "{:.0f}"),
+            Column("minus_interpreter_ms", "- interpreter (ms)", "{:.0f}"),
+            Column("n", "n"),
         ], notes),
-        common.Section("Runtime imports no torch", checks, [
-            common.Column("check", "Check"), common.Column("status", "Status"),
-            common.Column("forbidden_loaded", "Forbidden modules loaded"),
-            common.Column("modules_loaded", "Modules loaded"),
+        Section("Runtime imports no torch", checks, [
+            Column("check", "Check"), Column("status", "Status"),
+            Column("forbidden_loaded", "Forbidden modules loaded"),
+            Column("modules_loaded", "Modules loaded"),
         ], [f"Forbidden: {', '.join(FORBIDDEN)}."]),
-        common.Section("Where a flowae-infer process spends its import time", breakdown, [
-            common.Column("package", "Package"),
-            common.Column("self_ms", "Import time (ms)", "{:.1f}"),
-            common.Column("modules", "Modules"),
-            common.Column("share_of_wall_pct", "% of wall", "{:.1f}"),
+        Section("Where a flowae-infer process spends its import time", breakdown, [
+            Column("package", "Package"),
+            Column("self_ms", "Import time (ms)", "{:.1f}"),
+            Column("modules", "Modules"),
+            Column("share_of_wall_pct", "% of wall", "{:.1f}"),
         ], [f"One `python -X importtime` launch (import timing adds its own overhead): wall "
             f"{totals['wall_ms']:.0f} ms, all imports {totals['imports_ms']:.0f} ms, the rest "
             f"(interpreter, session creation, decoding, inference, output) "
@@ -228,7 +237,7 @@ def sections(rows, checks, breakdown, totals) -> list[common.Section]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--photo", type=click.Path(path_type=Path),
               help="The image given to flowae-infer [default: the first full-size photo in "
-                   f"{common.DEFAULT_PHOTOS}/jpg].")
+                   f"{DEFAULT_PHOTOS}/jpg].")
 @click.option("--model", type=click.Path(path_type=Path),
               help="Pass --model to flowae-infer [default: none, the bundled model].")
 @click.option("--run", type=click.Path(path_type=Path),
@@ -241,24 +250,24 @@ def sections(rows, checks, breakdown, totals) -> list[common.Section]:
               help="Also time `import torch`, for reference.")
 @click.option("--quick", is_flag=True, help="Smoke-test size: 2 launches per row.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --variant.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=common.DEFAULT_DATA_ROOT,
+@click.option("--data-root", type=click.Path(path_type=Path), default=DEFAULT_DATA_ROOT,
               show_default=True, help="Flowers102 folder for exporting a --run or --variant.")
-@click.option("--out", type=click.Path(path_type=Path), default=common.DEFAULT_OUT / NAME,
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT / NAME,
               show_default=True, help="Folder for cold_start.json and cold_start.md.")
 def main(photo, model, run, variant, repeats, torch_reference, quick, seed, data_root, out):
     """Time whole flowae-infer processes and runtime imports; check torch stays out."""
     config = replace(QUICK if quick else ColdStartConfig(), torch_reference=torch_reference,
                      **({"repeats": repeats} if repeats else {}))
     try:
-        common.check_one_model(model, run, variant)
+        check_one_model(model, run, variant)
         photo = Path(photo) if photo else _default_photo()
         if not photo.is_file():
-            raise common.BenchmarkError(f"--photo {photo}: no such file")
+            raise BenchmarkError(f"--photo {photo}: no such file")
         with tempfile.TemporaryDirectory(prefix="flowae-bench-") as tmp:
-            model_path, origin = common.one_runtime_model(
+            model_path, origin = one_runtime_model(
                 model, run, variant, seed=seed, work_dir=Path(tmp), data_root=data_root,
                 quick_export=quick)
-            header = common.machine_header(torch_info=False)
+            header = machine_header(torch_info=False)
             rows, checks, breakdown, totals = run_cold_start(
                 photo.resolve(), model_path and Path(model_path).resolve(), config,
                 progress=lambda text: click.echo(f"timing {text}", err=True))
@@ -268,21 +277,21 @@ def main(photo, model, run, variant, repeats, torch_reference, quick, seed, data
                           "launches": f"1 first + {config.repeats} timed per row",
                           "working directory": "a fresh temporary folder (repo not on path)"}
     secs = sections(rows, checks, breakdown, totals)
-    paths = common.write_report(
+    paths = write_report(
         out, NAME, "Cold start: flowae-infer process and runtime import", header, rows, secs,
         extra={"checks": checks, "import_breakdown": breakdown, "import_totals": totals,
                "config": asdict(config), "forbidden": list(FORBIDDEN)})
     click.echo(paths["markdown"].read_text())
-    click.echo(common.echo_paths(paths))
+    click.echo(echo_paths(paths))
     broken = [c["forbidden_loaded"] for c in checks if c["status"].startswith("FAILED")]
     if broken:  # the runtime imported torch: a broken promise, not a timing
         raise click.ClickException(f"flowae-infer imported {broken[0]}")
 
 
 def _default_photo() -> Path:
-    photos = sorted((common.DEFAULT_PHOTOS / "jpg").glob("*.jpg"))
+    photos = sorted((DEFAULT_PHOTOS / "jpg").glob("*.jpg"))
     if not photos:
-        raise common.BenchmarkError(f"no photos in {common.DEFAULT_PHOTOS / 'jpg'}; "
+        raise BenchmarkError(f"no photos in {DEFAULT_PHOTOS / 'jpg'}; "
                                     "give --photo")
     return photos[0]
 

@@ -29,7 +29,25 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks.machine import machine_header, usable_cores  # noqa: E402
+from benchmarks.options import (  # noqa: E402
+    DEFAULT_DATA_ROOT,
+    DEFAULT_OUT,
+    DEFAULT_PHOTOS,
+    BenchmarkError,
+    parse_int_list,
+)
+from benchmarks.report import (  # noqa: E402
+    Column,
+    Section,
+    echo_paths,
+    failed,
+    is_ok,
+    plot_series,
+    write_report,
+)
+from benchmarks.sources import check_one_model, one_runtime_model  # noqa: E402
+from benchmarks.timing import gc_paused, latency_stats, ratio, time_once_ms  # noqa: E402
 from flowae.runtime.errors import FlowaeError  # noqa: E402
 
 NAME = "end_to_end"
@@ -55,17 +73,17 @@ QUICK = EndToEndConfig(batch_sizes=(1, 4), repeats=1, warmup=1, limit=8)
 
 def photo_set(root: Path, limit: int | None) -> tuple[list[Path], np.ndarray]:
     """Paths and labels of a full-size photo folder (labels.csv + jpg/), first `limit`."""
-    from flowae.runtime.evaluate import fullres_files
+    from flowae.runtime.datasets import fullres_files
 
     root = Path(root)
     if not (root / "labels.csv").is_file():
-        raise common.BenchmarkError(f"{root}: no labels.csv (expected a folder like "
-                                    f"{common.DEFAULT_PHOTOS})")
+        raise BenchmarkError(f"{root}: no labels.csv (expected a folder like "
+                                    f"{DEFAULT_PHOTOS})")
     paths, labels = fullres_files(root)
     if limit is not None:
         paths, labels = paths[:limit], labels[:limit]
     if not paths:
-        raise common.BenchmarkError(f"{root}: labels.csv lists no photos")
+        raise BenchmarkError(f"{root}: labels.csv lists no photos")
     return paths, labels
 
 
@@ -80,20 +98,17 @@ def stage_pass(predictor, paths: list[Path], batch_size: int, top_k: int
                ) -> tuple[np.ndarray, np.ndarray, list]:
     """One serial pass: per batch, ms in each stage (B, 4) and ms per image; predictions."""
     from flowae.runtime.images import load_rgb
-    from flowae.runtime.preprocess import check_geometry, describe, normalize, resize_crop
+    from flowae.runtime.preprocess import normalize, resize_crop
 
     spec = predictor.preprocess
-    draft_px = spec.resize_px if predictor.jpeg_draft else None
     stage_ms, per_image_ms, predictions = [], [], []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         t0 = time.perf_counter()
-        images = [load_rgb(path, draft_px=draft_px) for path in chunk]
+        images = [load_rgb(path, draft_px=spec.resize_px, jpeg_draft=predictor.jpeg_draft,
+                           max_pixels=predictor.max_pixels) for path in chunk]
         t1 = time.perf_counter()
-        crops = []
-        for path, image in zip(chunk, images, strict=True):
-            check_geometry(image.size, describe(path))
-            crops.append(resize_crop(image, spec))
+        crops = [resize_crop(image, spec) for image in images]
         inputs = normalize(np.stack(crops), spec)  # (B, 3, S, S)
         t2 = time.perf_counter()
         logits, _ = predictor.infer(inputs)
@@ -117,7 +132,7 @@ def measure_stages(model, decode: str, batch: int, paths: list[Path], labels: np
     for _ in range(config.warmup):
         stage_pass(predictor, paths, batch, config.top_k)
     stages, per_image, predictions = [], [], []
-    with common.gc_paused():
+    with gc_paused():
         for _ in range(config.repeats):
             stage_ms, image_ms, predictions = stage_pass(predictor, paths, batch, config.top_k)
             stages.append(stage_ms)
@@ -125,7 +140,7 @@ def measure_stages(model, decode: str, batch: int, paths: list[Path], labels: np
     totals = np.concatenate(stages).sum(axis=0)  # ms per stage over all timed passes
     seconds = totals.sum() / 1e3
     top1, top5 = accuracy(predictions, labels)
-    row = {"path": "stages (serial)", **common.latency_stats(np.concatenate(per_image)),
+    row = {"path": "stages (serial)", **latency_stats(np.concatenate(per_image)),
            "images_per_s": len(paths) * config.repeats / seconds, "top1": top1, "top5": top5}
     row.update({f"{name}_pct": 100.0 * float(t / totals.sum())
                 for name, t in zip(STAGES, totals, strict=True)})
@@ -142,18 +157,18 @@ def measure_api(model, decode: str, batch: int, paths: list[Path], config: EndTo
     row: dict = {"path": "Predictor API", "create_ms": (time.perf_counter() - start) * 1e3,
                  "decode_workers": predictor.decode_workers}
     if batch == 1:
-        row["first_ms"] = common.time_once_ms(lambda: predictor.predict(paths[0],
+        row["first_ms"] = time_once_ms(lambda: predictor.predict(paths[0],
                                                                         top_k=config.top_k))
         for _ in range(config.warmup):
             for path in paths:
                 predictor.predict(path, top_k=config.top_k)
         samples = []
-        with common.gc_paused():
+        with gc_paused():
             for _ in range(config.repeats):
                 for path in paths:
-                    samples.append(common.time_once_ms(
+                    samples.append(time_once_ms(
                         lambda p=path: predictor.predict(p, top_k=config.top_k)))
-        row.update(common.latency_stats(samples))
+        row.update(latency_stats(samples))
         row["images_per_s"] = 1e3 * len(samples) / float(np.sum(samples))
         return row
 
@@ -163,11 +178,11 @@ def measure_api(model, decode: str, batch: int, paths: list[Path], config: EndTo
         if bad:
             raise FlowaeError(f"{len(bad)} photos failed, first: {bad[0]}")
 
-    row["first_ms"] = common.time_once_ms(one_pass) / len(paths)  # first pass, per image
+    row["first_ms"] = time_once_ms(one_pass) / len(paths)  # first pass, per image
     for _ in range(max(config.warmup - 1, 0)):
         one_pass()
-    with common.gc_paused():
-        passes = [common.time_once_ms(one_pass) for _ in range(config.repeats)]
+    with gc_paused():
+        passes = [time_once_ms(one_pass) for _ in range(config.repeats)]
     per_image = np.asarray(passes) / len(paths)
     row["mean_ms"] = float(per_image.mean())  # per image, averaged over each whole pass
     row["images_per_s"] = 1e3 / row["mean_ms"]
@@ -193,39 +208,39 @@ def run_end_to_end(model, paths: list[Path], labels: np.ndarray, config: EndToEn
                 except Exception as exc:  # a failing case is a row that says so
                     row["path"] = ("stages (serial)" if measure is measure_stages
                                    else "Predictor API")
-                    row["status"] = common.failed(exc)
+                    row["status"] = failed(exc)
                 rows.append(row)
     full = {(r["path"], r["batch"]): r for r in rows if r["decode"] == "full"}
     for row in rows:
         base = full.get((row["path"], row["batch"]))
         if base is not None:
-            row["speedup_vs_full"] = common.ratio(row.get("images_per_s"),
+            row["speedup_vs_full"] = ratio(row.get("images_per_s"),
                                                   base.get("images_per_s"))
     return rows
 
 
-def sections(rows: list[dict], default_decode: str) -> list[common.Section]:
+def sections(rows: list[dict], default_decode: str) -> list[Section]:
     api = [r for r in rows if r["path"] == "Predictor API"]
     stages = [r for r in rows if r["path"] != "Predictor API"]
     api_columns = [
-        common.Column("decode", "JPEG decode"), common.Column("batch", "Batch"),
-        common.Column("status", "Status"), common.Column("create_ms", "Create (ms)", "{:.1f}"),
-        common.Column("first_ms", "First (ms/img)", "{:.2f}"),
-        common.Column("p50_ms", "p50 (ms/img)", "{:.3f}"),
-        common.Column("p90_ms", "p90", "{:.3f}"), common.Column("p99_ms", "p99", "{:.3f}"),
-        common.Column("mean_ms", "Mean (ms/img)", "{:.3f}"),
-        common.Column("images_per_s", "images/s", "{:.0f}"),
-        common.Column("speedup_vs_full", "x full decode", "{:.2f}"),
+        Column("decode", "JPEG decode"), Column("batch", "Batch"),
+        Column("status", "Status"), Column("create_ms", "Create (ms)", "{:.1f}"),
+        Column("first_ms", "First (ms/img)", "{:.2f}"),
+        Column("p50_ms", "p50 (ms/img)", "{:.3f}"),
+        Column("p90_ms", "p90", "{:.3f}"), Column("p99_ms", "p99", "{:.3f}"),
+        Column("mean_ms", "Mean (ms/img)", "{:.3f}"),
+        Column("images_per_s", "images/s", "{:.0f}"),
+        Column("speedup_vs_full", "x full decode", "{:.2f}"),
     ]
     stage_columns = [
-        common.Column("decode", "JPEG decode"), common.Column("batch", "Batch"),
-        common.Column("status", "Status"), common.Column("p50_ms", "p50 (ms/img)", "{:.3f}"),
-        common.Column("mean_ms", "Mean (ms/img)", "{:.3f}"),
-        common.Column("images_per_s", "images/s", "{:.0f}"),
-        *[common.Column(f"{s}_pct", f"{s} %", "{:.1f}") for s in STAGES],
-        common.Column("top1", "top-1 %", "{:.2f}"), common.Column("top5", "top-5 %", "{:.2f}"),
+        Column("decode", "JPEG decode"), Column("batch", "Batch"),
+        Column("status", "Status"), Column("p50_ms", "p50 (ms/img)", "{:.3f}"),
+        Column("mean_ms", "Mean (ms/img)", "{:.3f}"),
+        Column("images_per_s", "images/s", "{:.0f}"),
+        *[Column(f"{s}_pct", f"{s} %", "{:.1f}") for s in STAGES],
+        Column("top1", "top-1 %", "{:.2f}"), Column("top5", "top-5 %", "{:.2f}"),
     ]
-    target = [r for r in api if r["batch"] == 1 and common.is_ok(r)]
+    target = [r for r in api if r["batch"] == 1 and is_ok(r)]
     notes = [f"Batch 1 is Predictor.predict(path) per image; batched is Predictor.run over the "
              f"whole set with the runtime's decode threads (mean over whole passes). The "
              f"runtime's default decode is {default_decode}.",
@@ -235,9 +250,9 @@ def sections(rows: list[dict], default_decode: str) -> list[common.Section]:
               f"{r['p50_ms']:.3f} ms ({'met' if r['p50_ms'] <= 2.0 else 'missed'}; "
               f"{r['p50_ms'] / 2.0:.2f}x the target)" for r in target]
     return [
-        common.Section("JPEG file to top-5 names, as the Predictor API runs it", api,
+        Section("JPEG file to top-5 names, as the Predictor API runs it", api,
                        api_columns, notes),
-        common.Section("Where the time goes (runtime stages called serially)", stages,
+        Section("Where the time goes (runtime stages called serially)", stages,
                        stage_columns, [
                            "decode: JPEG file to RGB image; preprocess: resize, centre crop, "
                            "scaling; model: onnxruntime encoder_classifier; topk: softmax and "
@@ -255,7 +270,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         xs, ys = lines.setdefault(f"{row['path']}, {row['decode']} decode", ([], []))
         xs.append(row["batch"])
         ys.append(row["mean_ms"])
-    return common.plot_series(path, {"full-size JPEG to top-5": lines}, xlabel="batch size",
+    return plot_series(path, {"full-size JPEG to top-5": lines}, xlabel="batch size",
                               ylabel="mean ms per image", title="End-to-end latency per "
                               "image vs batch size")
 
@@ -268,7 +283,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
               help="Instead of --model: a training run, exported here with flowae.export.")
 @click.option("--variant", help="Instead of --model: fresh seeded weights of this variant, "
                                 "exported here (speed only; its accuracy is chance).")
-@click.option("--photos", type=click.Path(path_type=Path), default=common.DEFAULT_PHOTOS,
+@click.option("--photos", type=click.Path(path_type=Path), default=DEFAULT_PHOTOS,
               show_default=True, help="Folder with labels.csv and jpg/ of full-size photos.")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Use the first N photos [default: all; --quick 8].")
@@ -283,9 +298,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
               show_default=True, help="Graph files; auto: the manifest's recommendation.")
 @click.option("--quick", is_flag=True, help="Smoke-test sizes: 8 photos, one pass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --variant.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=common.DEFAULT_DATA_ROOT,
+@click.option("--data-root", type=click.Path(path_type=Path), default=DEFAULT_DATA_ROOT,
               show_default=True, help="Flowers102 folder for exporting a --run or --variant.")
-@click.option("--out", type=click.Path(path_type=Path), default=common.DEFAULT_OUT / NAME,
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT / NAME,
               show_default=True, help="Folder for end_to_end.json, .md and .png.")
 def main(model, run, variant, photos, limit, batch_sizes, repeats, warmup, threads, precision,
          quick, seed, data_root, out):
@@ -295,16 +310,16 @@ def main(model, run, variant, photos, limit, batch_sizes, repeats, warmup, threa
     base = QUICK if quick else EndToEndConfig()
     try:
         config = replace(base, **{k: v for k, v in {
-            "batch_sizes": batch_sizes and common.parse_int_list(batch_sizes, "--batch-sizes"),
+            "batch_sizes": batch_sizes and parse_int_list(batch_sizes, "--batch-sizes"),
             "repeats": repeats, "warmup": warmup, "limit": limit, "precision": precision,
-            "threads": threads or base.threads or common.usable_cores()}.items() if v is not None})
-        common.check_one_model(model, run, variant)
+            "threads": threads or base.threads or usable_cores()}.items() if v is not None})
+        check_one_model(model, run, variant)
         paths, labels = photo_set(photos, config.limit)
         with tempfile.TemporaryDirectory(prefix="flowae-bench-") as tmp:
-            model_path, origin = common.one_runtime_model(
+            model_path, origin = one_runtime_model(
                 model, run, variant, seed=seed, work_dir=Path(tmp), data_root=data_root,
                 quick_export=quick)
-            header = common.machine_header(torch_info=False)
+            header = machine_header(torch_info=False)
             rows = run_end_to_end(model_path, paths, labels, config,
                                   progress=lambda text: click.echo(f"timing {text}", err=True))
     except FlowaeError as exc:
@@ -316,11 +331,11 @@ def main(model, run, variant, photos, limit, batch_sizes, repeats, warmup, threa
         "precision": config.precision,
     }
     secs = sections(rows, "draft" if DEFAULT_JPEG_DRAFT else "full")
-    paths_written = common.write_report(out, NAME, "End to end: full-size JPEG to top-5 names",
+    paths_written = write_report(out, NAME, "End to end: full-size JPEG to top-5 names",
                                         header, rows, secs, extra={"config": asdict(config)})
     paths_written["plot"] = plot(rows, Path(out) / f"{NAME}.png")
     click.echo(paths_written["markdown"].read_text())
-    click.echo(common.echo_paths(paths_written))
+    click.echo(echo_paths(paths_written))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Reads the metrics.json that flowae-train writes into each run directory and prints (and with
 --out saves) the Markdown table that docs/RESULTS.md quotes. The command column is rebuilt from
 the run's saved TrainConfig: the recipe it is closest to, then a flag for every field that
-differs. Imports click, the standard library and flowae.train (for the recipes).
+differs. Imports click, the standard library and flowae.config (the torch-free recipes).
 
     python -m benchmarks.results runs/base runs/bn runs/bn-dropout runs/upsample
 """
@@ -53,7 +53,7 @@ FLAGS = {"ae_epochs": "--ae-epochs", "cls_epochs": "--cls-epochs", "dec_epochs":
 
 def train_command(variant: str, config: dict, run_dir: Path) -> str:
     """The flowae-train command line that reproduces `config` (device left to auto)."""
-    from flowae.train import RECIPES, default_recipe
+    from flowae.config import RECIPES, default_recipe
 
     def differing(name: str) -> dict:
         recipe = RECIPES[name].to_dict()

@@ -4,8 +4,8 @@
 `export_graph` runs torch's `torch.export`-based exporter with the contract's tensor names and
 dynamic batch axis and checks the result against the contract, `set_metadata` attaches the
 ModelMetadata JSON, and `write_model` runs onnx's full checker before an atomic write.
-Imports torch, flowae (models, checkpoint), flowae.export.convs and the runtime's contract and
-errors; onnx is imported inside the functions that need it.
+Imports torch, flowae.models, flowae.export.convs and the runtime's contract, errors and
+atomic writes; onnx is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowae.checkpoint import atomic_write_bytes
 from flowae.export.convs import fold_convolutions
 from flowae.models import FlowAE
 from flowae.runtime.contract import (
@@ -34,6 +33,7 @@ from flowae.runtime.contract import (
     ModelMetadata,
 )
 from flowae.runtime.errors import ContractError, ExportError
+from flowae.runtime.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,5 @@ def write_model(proto, path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise ExportError(f"{Path(path).name} fails onnx.checker: {reason}") from exc
-    data = proto.SerializeToString()
-    atomic_write_bytes(Path(path), lambda handle: handle.write(data))
+    write_bytes_atomic(path, proto.SerializeToString())
 

@@ -1,17 +1,17 @@
 """Measuring an exported graph against PyTorch: outputs, accuracy and speed on this CPU.
 
-`torch_reference` computes what the untouched PyTorch model says, `run_graph` what
-onnxruntime says for the same input, `compare` turns the two into the parity figures that go
-into the manifest and `check` is the gate. `top1_pct` and `latency_ms` give the accuracy and
-speed figures that pick the precision served by default. Imports torch, numpy, onnxruntime,
-flowae.models and the runtime's contract and errors.
+`torch_reference` computes what the untouched PyTorch model says, `run_graph` what an
+onnxruntime session (made by flowae.runtime.session.create_session) says for the same input,
+`compare` turns the two into the parity figures that go into the manifest and `check` is the
+gate. `top1_pct` and `latency_ms` give the accuracy and speed figures that pick the
+precision served by default. Imports torch, numpy, onnxruntime, flowae.models and the
+runtime's contract and errors.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -53,18 +53,6 @@ def torch_reference(model: FlowAE, images: torch.Tensor, batch_size: int = 64) -
         parts[OUTPUT_LATENT].append(latent.numpy())
         parts[OUTPUT_RECONSTRUCTION].append(model.decoder(latent).numpy())  # (b, 3, 100, 100)
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
-
-
-def make_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session with onnxruntime's default (full) graph optimisations."""
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {reason}") from exc
 
 
 def run_graph(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 64) -> dict:

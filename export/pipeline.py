@@ -1,11 +1,15 @@
 """`export_model`: a training run in, a verified model directory out, or nothing at all.
 
-Every file is first written to a temporary directory beside the output directory, checked
-(onnx's full checker, the parity gate against PyTorch on real images, the int8 accuracy gate),
-and only then moved in with os.replace, the manifest last. A failure raises ExportError and
-leaves the output directory as it was. `ExportOptions` holds every default of the stage.
-Imports numpy, torch, onnxruntime, flowae (checkpoint, data, models), flowae.export and the
-runtime's contract and errors; onnx is imported inside the functions that need it.
+The whole model directory (graphs, optional ORT-format copies, manifest) is first built in a
+scratch folder beside the output, checked (onnx's full checker, the parity gate against
+PyTorch on real images, the int8 accuracy gate), then swapped in place of the old directory
+as a whole by flowae.export.install, which also clears what killed exports left behind. A
+failure raises ExportError and leaves the output directory as it was. The images come from
+the run's own data: Flowers102 under `data_root`, or for a class-folder run the split its
+checkpoint recorded, reopened where it was or under `data` (`export_data`). `ExportOptions`
+holds every default of the stage. Imports numpy, torch, onnxruntime, flowae (checkpoint, data,
+models), flowae.export and the runtime (contract, errors, files, session); onnx is imported
+inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,14 +31,23 @@ import torch
 
 from flowae import __version__
 from flowae.checkpoint import (
-    atomic_write_bytes,
+    checkpoint_class_names,
     file_sha256,
     load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
 )
-from flowae.data import DEFAULT_DATA_ROOT, SPLITS, load_split, preprocess_for, to_float
+from flowae.data import (
+    DEFAULT_DATA_ROOT,
+    SPLITS,
+    Dataset,
+    load_split,
+    preprocess_for,
+    reopen_dataset,
+    to_float,
+)
 from flowae.export import parity
+from flowae.export.install import check_replaceable, install, recover, scratch_prefix
 from flowae.export.onnx_export import (
     MIN_OPSET,
     check_io,
@@ -46,31 +60,44 @@ from flowae.export.onnx_export import (
     with_explicit_pads,
     write_model,
 )
+from flowae.export.ort_format import write_ort
 from flowae.export.quantize import quantize_int8, to_float16
+from flowae.export.resize import candidate_sizes, choose, evaluate_split, sweep
 from flowae.models import FlowAE
 from flowae.runtime.contract import (
     CONTRACT_VERSION,
     EXTRA_TEST_TOP1,
     EXTRA_TEST_TOP5,
     GRAPH_IO,
+    MANIFEST_FILES,
     MANIFEST_NAME,
     MANIFEST_RECOMMENDED,
+    MANIFEST_RECOMMENDED_BY_PROVIDER,
     OUTPUT_LATENT,
     OUTPUT_LOGITS,
-    PRECISIONS,
     ROLE_DECODER,
     ROLE_ENCODER_CLASSIFIER,
     ModelMetadata,
     Preprocess,
     graph_file,
 )
-from flowae.runtime.errors import ExportError
+from flowae.runtime.errors import CheckpointError, DataError, ExportError
+from flowae.runtime.files import write_bytes_atomic
+from flowae.runtime.session import create_session
 
 log = logging.getLogger(__name__)
 
 EXPORTER = "torch.onnx.export(dynamo=True)"  # the torch.export-based exporter
 RECOMMEND_CHOICES = ("auto", "fp32", "int8")
-MODEL_FILE_MODE = 0o644  # temp files are created owner-only; model files are for everyone
+RESIZE_AUTO = "auto"  # resize_px value: choose the test-time resize on val (export.resize)
+# Provider families a manifest recommends a precision for, beyond the measured CPU choice.
+GPU_FAMILIES = ("cuda", "tensorrt")  # serve the float16 graphs where exported
+FP32_FAMILIES = ("openvino",)  # compiles fp32 graphs itself; our int8/fp16 were not measured there
+Step = Callable[[str], None]  # told each step's name as the export passes it
+# Precisions that get an .ort copy. The converter optimises for onnxruntime's CPU provider,
+# which casts float16 weights back to float32 (an fp16 .ort came out as large as the fp32
+# one), so float16, a GPU precision, stays .onnx only.
+ORT_PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -78,14 +105,19 @@ class ExportOptions:
     """Every default of `flowae-export`."""
 
     data_root: Path = DEFAULT_DATA_ROOT  # folder holding flowers-102/, as for flowae-train
+    data: Path | None = None  # class-folder runs: where their data is now; None: where the
+    # checkpoint recorded it (refused for a Flowers102 run, which reads data_root)
     opset: int | None = None  # ONNX opset; None: the exporter's default
     int8: bool = False  # also write static QDQ int8 graphs
     fp16: bool = False  # also write float16 graphs (for GPU execution providers)
     rewrite_convs: bool = True  # exact conv rewrite for onnxruntime's CPU kernels (convs.py)
     trace_batch: int = 2  # batch of the example input; >= 2 keeps the batch axis dynamic
     split: str = "val"  # images for the parity gate and the accuracy figures
-    resize_px: int | None = None  # test-time resize of the shorter side before the centre
-    # crop; None: the input side. Choose it on val (python -m benchmarks.resize).
+    resize_px: int | str | None = None  # test-time resize of the shorter side before the
+    # centre crop; None: the input side; "auto": the best val top-1 of a sweep (export.resize)
+    ort_format: bool = False  # also write .ort copies and required_operators.config
+    atomic_exchange: bool = True  # swap the model directory in with one renameat2 exchange
+    # where Linux offers it; False: two renames (flowae.export.install describes both)
     test_accuracy: bool = False  # measure PyTorch's test top-1/top-5 with the exported
     # preprocessing into the metadata (for a final candidate; the run's own test figures
     # hold only for the preprocessing it trained with)
@@ -133,6 +165,10 @@ class ExportOptions:
                               f"{self.int8_speed_margin}")
         if self.latency_rounds < 1:
             raise ExportError(f"latency rounds must be >= 1, got {self.latency_rounds}")
+        if not (self.resize_px is None or self.resize_px == RESIZE_AUTO
+                or (isinstance(self.resize_px, int) and self.resize_px >= 1)):
+            raise ExportError(f"resize must be a size in px or {RESIZE_AUTO!r}, "
+                              f"got {self.resize_px!r}")
 
 
 def _versions() -> dict:
@@ -142,18 +178,31 @@ def _versions() -> dict:
             "onnxruntime": ort.__version__}
 
 
-def _file_entry(path: Path, role: str, precision: str) -> dict:
-    return {"role": role, "precision": precision, "size_bytes": path.stat().st_size,
-            "sha256": file_sha256(path)}
+def _file_entry(path: Path, role: str | None = None, precision: str | None = None,
+                fmt: str = "onnx") -> dict:
+    entry = {"size_bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    if role is not None:
+        entry = {"role": role, "precision": precision, "format": fmt, **entry}
+    return entry
+
+
+def _class_names(payload: dict, num_classes: int) -> tuple[str, ...]:
+    """The checkpoint's class names (its dataset's; Flowers102's for older checkpoints)."""
+    names = checkpoint_class_names(payload)
+    if len(names) != num_classes:
+        raise CheckpointError(f"checkpoint names {len(names)} classes, its model has "
+                              f"{num_classes} outputs")
+    return names
 
 
 class _Export:
     """One export in a scratch directory: graphs, figures and the manifest's pieces."""
 
     def __init__(self, model: FlowAE, payload: dict, checkpoint: Path, options: ExportOptions,
-                 work: Path, test_figures: dict | None = None):
+                 preprocess: Preprocess, work: Path, test_figures: dict | None = None):
         self.model, self.options, self.work = model, options, work
-        self.preprocess = preprocess_for(model.config, options.resize_px)
+        self.preprocess = preprocess
+        self.class_names = _class_names(payload, model.config.num_classes)
         self.shapes = tensor_shapes(model)
         if test_figures is not None:
             test, source = test_figures, "flowae-export --test-accuracy (PyTorch, this resize)"
@@ -180,7 +229,7 @@ class _Export:
     def metadata(self, role: str, precision: str, opset: int) -> ModelMetadata:
         extra = {**self.provenance, "precision": precision, "opset": opset}
         return ModelMetadata(role=role, variant=self.model.config.name,
-                             preprocess=self.preprocess,
+                             preprocess=self.preprocess, class_names=self.class_names,
                              latent_shape=tuple(self.model.latent_shape()), extra=extra)
 
     def inputs(self, role: str, images: np.ndarray, reference: dict) -> np.ndarray:
@@ -191,9 +240,8 @@ class _Export:
         set_metadata(proto, self.metadata(role, precision, opset_of(proto)))
         path = self.work / graph_file(role, precision)
         write_model(proto, path)
-        path.chmod(MODEL_FILE_MODE)
         self.files[path.name] = _file_entry(path, role, precision)
-        self.sessions[role, precision] = parity.make_session(path)
+        self.sessions[role, precision] = create_session(path)
         return path
 
     def measure(self, role: str, precision: str, images: np.ndarray, reference: dict,
@@ -243,6 +291,25 @@ class _Export:
             path = self.write(to_float16(proto), role, "fp16")
             parity.check(self.measure(role, "fp16", images, reference, tolerance), path.name)
 
+    def ort_format(self, images: np.ndarray, reference: dict) -> None:
+        """An .ort copy of every fp32 and int8 graph, gated on giving the .onnx file's
+        outputs."""
+        graphs = {name: (entry["role"], entry["precision"]) for name, entry in self.files.items()
+                  if entry["precision"] in ORT_PRECISIONS}
+        written, config = write_ort([self.work / name for name in graphs], self.work, self.work)
+        for path, (role, precision) in zip(written, graphs.values(), strict=True):
+            entry = self.files[path.name] = _file_entry(path, role, precision, "ort")
+            outputs = parity.run_graph(create_session(path),
+                                       self.inputs(role, images, reference))
+            # The .ort holds the graph optimised at conversion, without the x86-only NCHWc
+            # layout; a session on the .onnx optimises at load, with it: float32 rounding.
+            entry["parity"] = figures = parity.compare(
+                outputs, self.outputs[role, precision],
+                parity.Tolerance(atol=self.options.fp32_atol, min_top1_agreement_pct=None))
+            figures["against"] = graph_file(role, precision)
+            parity.check(figures, path.name)
+        self.files[config.name] = _file_entry(config)
+
 
 def _accuracy(export: _Export, reference: dict, labels: np.ndarray, options: ExportOptions
               ) -> dict:
@@ -290,10 +357,30 @@ def int8_faster(latency: dict, margin: float) -> bool:
     return timing["int8"]["p10"] <= margin * timing["fp32"]["p10"]
 
 
+def recommend_by_provider(cpu: str, cpu_reason: str, fp16_written: bool
+                          ) -> tuple[dict[str, str], dict[str, str]]:
+    """({provider family: precision}, {provider family: reason}) for the manifest.
+
+    CPU gets the measured choice. GPU providers get float16 when it was exported (it passed
+    its parity gate; their kernels run it natively), else fp32; int8 QDQ is measured on the
+    CPU only, so it is never recommended elsewhere.
+    """
+    precision, reason = {"cpu": cpu}, {"cpu": cpu_reason}
+    for family in GPU_FAMILIES:
+        precision[family] = "fp16" if fp16_written else "fp32"
+        reason[family] = ("fp16 passed its parity gate; GPU kernels run float16 natively"
+                          if fp16_written else "no fp16 graphs exported (flowae-export --fp16)")
+    for family in FP32_FAMILIES:
+        precision[family] = "fp32"
+        reason[family] = "compiles the fp32 graph itself; other precisions not measured there"
+    return precision, reason
+
+
 def _manifest(export: _Export, checkpoint: Path, options: ExportOptions, accuracy: dict,
-              latency: dict, recommended: str, reason: str) -> dict:
+              latency: dict, recommended: str, reason: str, resize: dict, data: dict) -> dict:
     """The model directory's report: provenance, gates and figures, and one entry per file."""
     provenance = export.provenance
+    by_provider, reasons = recommend_by_provider(recommended, reason, options.fp16)
     return {
         "contract_version": CONTRACT_VERSION,
         "variant": export.model.config.name,
@@ -309,93 +396,164 @@ def _manifest(export: _Export, checkpoint: Path, options: ExportOptions, accurac
         "rewrite_convs": options.rewrite_convs,
         "exported_utc": provenance["exported_utc"],
         "versions": provenance["versions"],
+        "preprocess": export.preprocess.to_dict(),
+        "resize": resize,
+        "data": data,
         "parity": {"split": options.split, "images": accuracy["images"],
                    "fp32_tolerance": parity.Tolerance(options.fp32_atol).describe(),
                    "fp16_tolerance": parity.Tolerance(
                        options.fp16_atol, options.fp16_rtol, None).describe()},
         "accuracy": accuracy,
         "latency_ms": latency,
-        MANIFEST_RECOMMENDED: recommended,
+        MANIFEST_RECOMMENDED: recommended,  # the CPU's; what runtimes before per-provider read
         "recommended_reason": reason,
-        "files": export.files,
+        MANIFEST_RECOMMENDED_BY_PROVIDER: by_provider,
+        "recommended_reason_by_provider": reasons,
+        MANIFEST_FILES: export.files,
     }
 
 
-def _load_images(root: Path, split: str, preprocess: Preprocess, limit: int | None
+CLASS_FOLDERS = "class-folders"  # the "kind" a class-folder run records for its dataset
+
+
+def export_data(payload: dict, options: ExportOptions) -> Path | Dataset:
+    """Where a run's parity, calibration and accuracy images come from: the folder holding
+    Flowers102 (`options.data_root`) for a Flowers102 run, else the class-folder dataset the
+    checkpoint recorded, split as training split it, at `options.data` or where it was."""
+    record = payload.get("dataset")
+    if record is None or record.get("kind") != CLASS_FOLDERS:
+        if options.data is not None:
+            raise ExportError("this run trained on Flowers102: give its folder with "
+                              "--data-root, not --data (which is for class-folder runs)")
+        return Path(options.data_root)
+    root = Path(record["root"]) if options.data is None else Path(options.data)
+    if options.data is None and not root.is_dir():
+        raise DataError(f"{root}: the class folders this run trained on are no longer there; "
+                        f"pass --data pointing at where they are now")
+    dataset = reopen_dataset(record, root)
+    now = dataset.describe()
+    changed = [key for key in ("layout", "val_fraction", "split_seed", "images")
+               if record.get(key) != now[key]]
+    if changed:
+        raise DataError(f"{root}: not the split this run trained on (its {', '.join(changed)} "
+                        f"differ from what the checkpoint recorded)")
+    return dataset
+
+
+def _data_root(data: Path | Dataset) -> Path:
+    return data.root if isinstance(data, Dataset) else data
+
+
+def _data_record(data: Path | Dataset) -> dict:
+    """The manifest's "data": which images the gates and figures used."""
+    if not isinstance(data, Dataset):
+        return {"kind": "flowers102", "root": str(data)}
+    described = data.describe()
+    return {key: described[key] for key in ("kind", "root", "layout", "num_classes", "images",
+                                            "val_fraction", "split_seed")}
+
+
+def _load_images(data: Path | Dataset, split: str, preprocess: Preprocess, limit: int | None
                  ) -> tuple[np.ndarray, np.ndarray]:
-    data = load_split(root, split, preprocess)
-    images, labels = data.images[:limit], data.labels[:limit]
+    tensors = load_split(data, split, preprocess)
+    images, labels = tensors.images[:limit], tensors.labels[:limit]
     return to_float(images, preprocess).numpy(), labels.numpy()
 
 
-def _test_accuracy(model: FlowAE, root: Path, preprocess: Preprocess) -> dict:
-    """PyTorch's top-1/top-5 (%) on the whole test split with `preprocess`."""
-    from flowae.distributed import DistInfo
-    from flowae.train import evaluate
-
-    test = load_split(root, "test", preprocess)
-    result = evaluate(model, test, preprocess, 128, torch.device("cpu"), DistInfo())
-    return {"top1": result["top1"], "top5": result["top5"], "images": len(test)}
-
-
-def _calibration_images(root: Path, preprocess: Preprocess, count: int, seed: int) -> np.ndarray:
-    images, _ = _load_images(root, "train", preprocess, None)
+def _calibration_images(data: Path | Dataset, preprocess: Preprocess, count: int, seed: int
+                        ) -> np.ndarray:
+    images, _ = _load_images(data, "train", preprocess, None)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(images), size=min(count, len(images)), replace=False))
     return images[chosen]
 
 
-def _move_in(work: Path, out_dir: Path, names: list[str]) -> None:
-    """Replace the directory's graphs and manifest with the verified ones, manifest last.
+def _choose_preprocess(model: FlowAE, data: Path | Dataset, options: ExportOptions
+                       ) -> tuple[Preprocess, dict]:
+    """The exported preprocessing and how its resize was chosen (the manifest's "resize")."""
+    if options.resize_px != RESIZE_AUTO:
+        preprocess = preprocess_for(model.config, options.resize_px)
+        source = "the model's input side" if options.resize_px is None else "--resize-px"
+        return preprocess, {"resize_px": preprocess.resize_px, "chosen_by": source}
+    rows = sweep(model, data, candidate_sizes(model.config.image_size_px))
+    best = choose(rows)
+    log.info("resize sweep on val: %s; chose %d px", rows, best["resize_px"])
+    return preprocess_for(model.config, best["resize_px"]), {
+        "resize_px": best["resize_px"],
+        "chosen_by": "best val top-1 of PyTorch over the sweep, ties to the smaller size",
+        "sweep": rows}
 
-    The old manifest goes first, so a directory caught halfway holds no manifest that
-    describes files it no longer has; graphs of precisions this export did not write are
-    removed so none can be served beside a newer manifest.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for name in names:
-        os.replace(work / name, out_dir / name)
-    for role in GRAPH_IO:
-        for precision in PRECISIONS:
-            stale = out_dir / graph_file(role, precision)
-            if stale.name not in names:
-                stale.unlink(missing_ok=True)
-    os.replace(work / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_not_an_input(out_dir: Path, checkpoint: Path, data_root: Path) -> None:
+    """Refuse an output directory that is, or lies inside, one of the export's inputs."""
+    if _inside(checkpoint, out_dir):
+        raise ExportError(f"{out_dir} holds the checkpoint being exported; choose another --out")
+    if _inside(out_dir, data_root):
+        raise ExportError(f"{out_dir} lies inside the data root {data_root}; choose another "
+                          f"--out")
+
+
+def _scratch_dir(out_dir: Path) -> Path:
+    """An empty scratch folder beside `out_dir`, with the mode the model directory will have."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=scratch_prefix(out_dir), dir=out_dir.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write beside {out_dir}: {exc.strerror or exc}") from exc
+    if out_dir.is_dir():
+        mode = out_dir.stat().st_mode & 0o7777
+    else:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = 0o777 & ~mask
+    work.chmod(mode)  # mkdtemp makes it owner-only
+    return work
 
 
 def export_model(run_dir_or_checkpoint: Path, out_dir: Path,
-                 options: ExportOptions = ExportOptions()) -> dict:
+                 options: ExportOptions = ExportOptions(), on_step: Step | None = None) -> dict:
     """Export a training run to `out_dir`; return the manifest written there.
 
-    Raises ExportError (or another FlowaeError: CheckpointError, DataError) and leaves
-    `out_dir` untouched when any step or gate fails.
+    `out_dir` must be absent, empty or a model directory an export wrote; it is replaced
+    whole (flowae.export.install). `on_step(name)` is called as the export passes "scratch"
+    (scratch folder made), "graphs" (fp32 graphs written there), "manifest" (scratch
+    complete), then install's steps. Raises ExportError (or another FlowaeError:
+    CheckpointError, DataError) and leaves `out_dir` untouched when any step or gate fails.
     """
+    on_step = on_step or (lambda step: None)
     options.validate()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
+    try:
+        recover(out_dir)
+    except OSError as exc:
+        raise ExportError(f"cannot clear what an earlier export left beside {out_dir}: "
+                          f"{exc.strerror or exc}") from exc
+    check_replaceable(out_dir)
     checkpoint = resolve_checkpoint(Path(run_dir_or_checkpoint))
     payload = load_checkpoint(checkpoint)
+    data = export_data(payload, options)
+    _check_not_an_input(out_dir, checkpoint, _data_root(data))
     model = model_from_checkpoint(payload)
-    preprocess = preprocess_for(model.config, options.resize_px)
-    images, labels = _load_images(options.data_root, options.split, preprocess,
-                                  options.max_images)
-    calibration = (_calibration_images(options.data_root, preprocess,
-                                       options.calibration_images, options.calibration_seed)
+    preprocess, resize = _choose_preprocess(model, data, options)
+    images, labels = _load_images(data, options.split, preprocess, options.max_images)
+    calibration = (_calibration_images(data, preprocess, options.calibration_images,
+                                       options.calibration_seed)
                    if options.int8 else None)
     reference = parity.torch_reference(model, torch.from_numpy(images))
-    test_figures = (_test_accuracy(model, options.data_root, preprocess)
+    test_figures = (evaluate_split(model, data, "test", preprocess)
                     if options.test_accuracy else None)
 
+    work = _scratch_dir(out_dir)
+    on_step("scratch")
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write beside {out_dir}: {exc.strerror or exc}") from exc
-    try:
-        export = _Export(model, payload, checkpoint, options, work, test_figures)
+        export = _Export(model, payload, checkpoint, options, preprocess, work, test_figures)
         export.fp32(images, reference)
+        on_step("graphs")
         if options.int8:
             export.int8(calibration, images, reference)
         if options.fp16:
@@ -408,17 +566,21 @@ def export_model(run_dir_or_checkpoint: Path, out_dir: Path,
                 f"(fp32 {top1['fp32']:.2f}% -> int8 {top1['int8']:.2f}% on {len(labels)} "
                 f"images), more than the {options.int8_max_drop_points:g} allowed; nothing "
                 f"written (allow it with --allow-accuracy-drop, or export without --int8)")
+        if options.ort_format:
+            export.ort_format(images, reference)
         recommended, reason, latency = _recommend(export, accuracy, images, reference, options)
-        manifest = _manifest(export, checkpoint, options, accuracy, latency, recommended, reason)
-        text = json.dumps(manifest, indent=2, sort_keys=False).encode()
-        atomic_write_bytes(work / MANIFEST_NAME, lambda handle: handle.write(text))
-        (work / MANIFEST_NAME).chmod(MODEL_FILE_MODE)
+        manifest = _manifest(export, checkpoint, options, accuracy, latency, recommended, reason,
+                             resize, _data_record(data))
+        text = json.dumps(manifest, indent=2)
+        manifest = json.loads(text)  # what a reader of the file gets (lists, not tuples)
+        write_bytes_atomic(work / MANIFEST_NAME, text.encode())
+        on_step("manifest")
         try:
-            _move_in(work, out_dir, list(export.files))
+            install(work, out_dir, on_step, exchange=options.atomic_exchange)
         except OSError as exc:
             raise ExportError(f"cannot move the export into {out_dir}: {exc.strerror or exc}") \
                 from exc
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # after a swap: the old model, or nothing
     log.info("exported %s to %s (recommended %s)", model.config.name, out_dir, recommended)
     return manifest

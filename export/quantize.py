@@ -3,10 +3,10 @@
 int8 uses onnxruntime's own tools: `quant_pre_process` (shape inference and basic graph
 optimisation), then `quantize_static` in QDQ format with per-channel int8 weights and uint8
 activations calibrated (min/max) on real training inputs fed by a small CalibrationDataReader.
-float16 is converted here with onnx alone (onnxconverter-common is not a dependency): every
-float weight becomes float16, inputs and outputs stay float32 behind Cast nodes so callers
-feed the same arrays; only an allow-list of ops this project's graphs use is converted.
-Imports numpy and the runtime's errors; onnx and onnxruntime.quantization inside functions.
+float16 uses onnxruntime's converter (`onnxruntime.transformers.float16`): float weights and
+activations become float16, inputs and outputs stay float32 behind Cast nodes so callers
+feed the same arrays, Resize's scales stay float32. Imports numpy and the runtime's errors;
+onnx and onnxruntime's quantization and transformers tools inside the functions.
 """
 
 from __future__ import annotations
@@ -20,15 +20,10 @@ from flowae.runtime.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-# Ops whose float inputs may all become float16, except the Resize inputs below.
-FP16_OPS = frozenset({
-    "Conv", "ConvTranspose", "Relu", "Tanh", "Sigmoid", "MaxPool", "AveragePool", "Gemm",
-    "MatMul", "Add", "Mul", "Sub", "Div", "Reshape", "Flatten", "Transpose", "Resize", "Pad",
-    "Identity", "Concat", "Slice", "Split", "Squeeze", "Unsqueeze", "BatchNormalization",
-    "Shape", "Gather", "Max", "Min", "ReduceMean", "GlobalAveragePool",
-})
-_FLOAT32_INPUTS = {"Resize": (1, 2)}  # roi and scales stay float32 in every opset
-FP16_MAX = 65504.0
+# onnxruntime's default block list less the elementwise Max/Min that the folded
+# convolution-ReLU-pool rewrite (flowae.export.convs) emits: both have float16 kernels in the
+# CPU and CUDA providers, and keeping them float32 would wrap each in a Cast pair.
+FP16_ALSO_CONVERT = ("Max", "Min")
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, work_dir: Path,
@@ -75,58 +70,36 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, work
         prepared.unlink(missing_ok=True)
 
 
+def fp16_op_block_list() -> list[str]:
+    """Op types the float16 conversion leaves in float32 (see FP16_ALSO_CONVERT)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+    return [op for op in DEFAULT_OP_BLOCK_LIST if op not in FP16_ALSO_CONVERT]
+
+
 def to_float16(proto):
-    """A float16 copy of an fp32 onnx.ModelProto, float32 at its inputs and outputs."""
+    """A float16 copy of an fp32 onnx.ModelProto, float32 at its inputs and outputs.
+
+    onnxruntime's own converter (`convert_float_to_float16`, keep_io_types=True) does the
+    work; its Cast nodes are appended at the end of the graph, so the nodes are then put back
+    in topological order, which onnx's checker requires. The converter runs in place: `proto`
+    is copied first and left as it was.
+    """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    graph = model.graph
-    unknown = sorted({node.op_type for node in graph.node if node.op_type not in FP16_OPS})
-    if unknown:
-        raise ExportError(f"float16 conversion does not handle ops {', '.join(unknown)}")
-    keep_fp32 = {node.input[i] for node in graph.node
-                 for i in _FLOAT32_INPUTS.get(node.op_type, ()) if i < len(node.input)}
-
-    def half(tensor) -> TensorProto:
-        values = numpy_helper.to_array(tensor)
-        if np.abs(values).max(initial=0.0) > FP16_MAX:
-            raise ExportError(f"weight {tensor.name!r} exceeds the float16 range")
-        return numpy_helper.from_array(values.astype(np.float16), tensor.name)
-
-    for i, tensor in enumerate(graph.initializer):
-        if tensor.data_type == TensorProto.FLOAT and tensor.name not in keep_fp32:
-            graph.initializer[i].CopyFrom(half(tensor))
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] not in keep_fp32:
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.t.data_type == TensorProto.FLOAT:
-                    attribute.t.CopyFrom(half(attribute.t))
-
-    # Inputs and outputs keep float32: a Cast after each input, one before each output.
-    renamed = {}
-    casts_in = []
-    for value in graph.input:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            renamed[value.name] = f"{value.name}_fp16"
-            casts_in.append(helper.make_node("Cast", [value.name], [renamed[value.name]],
-                                             name=f"{value.name}_to_fp16",
-                                             to=TensorProto.FLOAT16))
-    casts_out = []
-    for value in graph.output:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            inner = f"{value.name}_fp16"
-            for node in graph.node:
-                node.output[:] = [inner if name == value.name else name for name in node.output]
-                node.input[:] = [inner if name == value.name else name for name in node.input]
-            casts_out.append(helper.make_node("Cast", [inner], [value.name],
-                                              name=f"{value.name}_to_fp32",
-                                              to=TensorProto.FLOAT))
-    for node in graph.node:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
-    nodes = casts_in + list(graph.node) + casts_out
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]  # float32 annotations of inner tensors are stale now
-    return model
+    model.CopyFrom(proto)  # the converter edits its argument in place
+    # torch's exporter lists initializers in value_info too; the converter would retype such
+    # an entry to float16 while leaving a float32-only initializer (Resize's scales) as it is,
+    # and the graph would contradict itself. It infers every type again anyway.
+    del model.graph.value_info[:]
+    try:
+        converted = convert_float_to_float16(model, keep_io_types=True,
+                                             op_block_list=fp16_op_block_list())
+    except Exception as exc:  # the converter raises many types; the message is what matters
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"float16 conversion failed: {reason}") from exc
+    OnnxModel(converted).topological_sort()
+    return converted

@@ -1,10 +1,11 @@
-"""Oxford 102 Flowers, decoded once into uint8 tensors held in memory.
+"""Training data decoded once into uint8 tensors held in memory.
 
-The split files are torchvision's layout (`ROOT/flowers-102/{jpg,imagelabels.mat,setid.mat}`);
-`--download` uses torchvision's own downloader. Images go through the contract's eval
-transform (built here from `Preprocess`, the same rule the runtime applies), optionally into a
-larger "store" size that training-time augmentation crops from. Imports torch, torchvision,
-scipy and the runtime's contract and image loader.
+Which files make up a split, and their labels and class names, comes from runtime.datasets
+(Flowers102's official split, or class folders); this module only decodes them: the runtime's
+image loader (the rules every input follows), then the contract's eval transform (built here
+from `Preprocess`, the same rule the runtime applies), optionally into a larger "store" size
+that training-time augmentation crops from. `--download` uses torchvision's own downloader.
+Imports torch, torchvision and the runtime.
 """
 
 from __future__ import annotations
@@ -14,20 +15,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision import transforms as T
 
-from flowae.runtime.contract import NUM_CLASSES, Preprocess
+from flowae.runtime.contract import CLASS_NAMES, Preprocess
+from flowae.runtime.datasets import (
+    DEFAULT_DATA_ROOT,
+    FLOWERS102_FOLDER,
+    SPLITS,
+    Dataset,
+    SplitFiles,
+    flowers102_split,
+    open_class_folders,
+    without_unreadable,
+)
 from flowae.runtime.errors import DataError, ImageError
 from flowae.runtime.images import load_rgb
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-_SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # names inside setid.mat
-BASE_FOLDER = "flowers-102"
-DEFAULT_DATA_ROOT = Path("data/flowers102")  # where --download puts it unless told otherwise
+# Re-exported: the CLI, export and tests name them through this module.
+__all__ = ["DEFAULT_DATA_ROOT", "SPLITS", "Dataset", "SplitFiles", "TensorSplit", "decode_files",
+           "download", "eval_transform", "load_split", "open_training_data", "preprocess_for",
+           "reopen_dataset", "split_files", "to_float", "to_uint8"]
 
 
 def preprocess_for(model_config, resize_px: int | None = None) -> Preprocess:
@@ -68,19 +78,9 @@ def to_uint8(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     return ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-@dataclass(frozen=True)
-class SplitFiles:
-    """Image paths and 0-based labels of one official split."""
-
-    paths: tuple[Path, ...]
-    labels: tuple[int, ...]
-
-
 def _missing_message(root: Path, what: str) -> str:
-    return (
-        f"Flowers102 not found or corrupt in {root} ({what}); pass --data-root pointing at the "
-        f"folder that holds {BASE_FOLDER}/, or add --download to fetch it"
-    )
+    return (f"{what}; pass --data-root pointing at the folder that holds {FLOWERS102_FOLDER}/, "
+            f"or add --download to fetch it")
 
 
 def download(root: Path) -> None:
@@ -95,37 +95,40 @@ def download(root: Path) -> None:
 
 
 def split_files(root: Path, split: str) -> SplitFiles:
-    """Read the official split and labels as torchvision's Flowers102 does (labels 0..101)."""
-    import zlib
-
-    from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
-
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
-    base = Path(root) / BASE_FOLDER
-    images_dir = base / "jpg"
-    if not images_dir.is_dir():
-        raise DataError(_missing_message(root, f"no folder {images_dir}"))
+    """The official split as torchvision's Flowers102 reads it (labels 0..101), with the
+    training CLI's hint on a missing or corrupt dataset."""
     try:
-        set_ids = loadmat(str(base / "setid.mat"), squeeze_me=True)
-        image_labels = loadmat(str(base / "imagelabels.mat"), squeeze_me=True)
-        ids = np.atleast_1d(set_ids[_SPLIT_KEYS[split]]).astype(int).tolist()
-        all_labels = np.atleast_1d(image_labels["labels"]).astype(int)
-    # loadmat reports a damaged file with any of these (truncated: OSError, IndexError,
-    # MatReadError; a flipped byte in the compressed original files: zlib.error).
-    except (OSError, ValueError, KeyError, TypeError, IndexError, MatReadError,
-            zlib.error) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(_missing_message(root, f"split/label files unreadable: {reason}")) from exc
-    paths = tuple(images_dir / f"image_{i:05d}.jpg" for i in ids)
-    try:
-        labels = tuple(int(all_labels[i - 1]) - 1 for i in ids)
-    except IndexError as exc:
-        raise DataError(_missing_message(root, "setid.mat and imagelabels.mat disagree")) from exc
-    if any(not 0 <= label < NUM_CLASSES for label in labels):
-        raise DataError(_missing_message(root, "labels outside 1..102 in imagelabels.mat"))
-    return SplitFiles(paths, labels)
+        return flowers102_split(root, split)
+    except DataError as exc:
+        if split not in SPLITS:
+            raise
+        raise DataError(_missing_message(root, str(exc))) from exc
+
+
+def open_training_data(root: Path, *, class_folders: bool = False,
+                       val_fraction: float | None = None, split_seed: int = 0) -> Dataset:
+    """Flowers102 under `root` (the default), or a class-folder dataset at `root`."""
+    if class_folders:
+        return open_class_folders(root, val_fraction, split_seed)
+    if val_fraction is not None:
+        raise DataError("the val fraction applies to class-folder data only; Flowers102 has "
+                        "an official val split")
+    splits = {name: split_files(root, name) for name in SPLITS}
+    return Dataset("flowers102", Path(root), CLASS_NAMES, splits)
+
+
+def reopen_dataset(record: dict, root: Path | None = None) -> Dataset:
+    """The data a run recorded (a checkpoint's or metrics.json's "dataset"), at `root` or where
+    it was, split as it was (same val fraction and seed); DataError if its classes changed."""
+    root = Path(root or record["root"])
+    if record.get("kind") == "class-folders":
+        dataset = open_class_folders(root, record.get("val_fraction"),
+                                     record.get("split_seed") or 0)
+    else:
+        dataset = open_training_data(root)
+    if list(dataset.class_names) != list(record["class_names"]):
+        raise DataError(f"{root}: its classes are not the ones the run trained on")
+    return dataset
 
 
 @dataclass
@@ -139,27 +142,51 @@ class TensorSplit:
         return len(self.labels)
 
 
-def load_split(
-    root: Path, split: str, preprocess: Preprocess, store_px: int | None = None, workers: int = 2
-) -> TensorSplit:
-    """Decode every image of `split` once.
+def decode_files(files: SplitFiles, preprocess: Preprocess, store_px: int | None = None,
+                 workers: int = 2) -> tuple[TensorSplit, dict[Path, str]]:
+    """Decode `files` once; return the images that decoded and {path: reason} for the rest.
 
     With `store_px` the images are resized/cropped to that side instead of the model's input
     side (for random-resized-crop augmentation); otherwise to the eval transform's output.
+    An image the runtime's loader refuses fails here too, with its one-line reason.
     """
-    files = split_files(root, split)
     if store_px is not None:
         preprocess = Preprocess(store_px, store_px, preprocess.mean, preprocess.std,
                                 preprocess.resize_filter)
     transform = eval_transform(preprocess)
 
-    def decode(path: Path) -> torch.Tensor:
+    def decode(path: Path) -> torch.Tensor | str:
         try:
             return transform(load_rgb(path))
         except ImageError as exc:
-            raise DataError(_missing_message(root, str(exc))) from exc
+            return str(exc)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        images = list(pool.map(decode, files.paths))
-    log.info("decoded %d %s images from %s", len(images), split, root)
-    return TensorSplit(torch.stack(images), torch.tensor(files.labels, dtype=torch.int64))
+        decoded = list(pool.map(decode, files.paths))
+    failed = {p: out for p, out in zip(files.paths, decoded, strict=True) if isinstance(out, str)}
+    kept = [(out, label) for out, label in zip(decoded, files.labels, strict=True)
+            if not isinstance(out, str)]
+    side = preprocess.image_size_px
+    images = torch.stack([out for out, _ in kept]) if kept else torch.empty(0, 3, side, side,
+                                                                            dtype=torch.uint8)
+    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+    return TensorSplit(images, labels), failed
+
+
+def load_split(data: Path | Dataset, split: str, preprocess: Preprocess,
+               store_px: int | None = None, workers: int = 2, *, strict: bool = False
+               ) -> TensorSplit:
+    """Decode every image of `split` once: of Flowers102 under `data` when it is a path, else
+    of the Dataset. Flowers102 must decode whole; a class-folder dataset skips unreadable
+    images (counted in the log) unless `strict`."""
+    if not isinstance(data, Dataset):
+        data = Dataset("flowers102", Path(data), CLASS_NAMES, {split: split_files(data, split)})
+    files = data.split(split)
+    tensors, failed = decode_files(files, preprocess, store_px, workers)
+    if failed and data.kind == "flowers102":
+        raise DataError(_missing_message(data.root, next(iter(failed.values()))))
+    if failed:
+        without_unreadable(files, failed, data.class_names, strict=strict,
+                           what=f"{data.root} {split}")
+    log.info("decoded %d %s images from %s", len(tensors), split, data.root)
+    return tensors

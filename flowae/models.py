@@ -1,68 +1,30 @@
-"""Model variants: the seed's convolutional autoencoder and latent classifier, by name.
+"""Models by architecture: the seed's convolutional autoencoder and latent classifier, and a
+residual family, each an encoder, a decoder and a classifier.
 
-`VARIANTS` is the registry (name -> ModelConfig); `build_model` turns a config into a FlowAE
-module with `encoder`, `decoder` and `classifier`. Layers follow ../shared/SEED.md exactly,
-except that the seed's NumPy upsample (which cut the gradient) is a traceable nn.Upsample.
-Encoder, decoders and classifier are nn.Sequential subclasses that run exact fast kernels
-(flowae.fastconv) on CPU, outside export tracing; `FlowAE.use_fast_kernels(False)` runs the plain
-layers. Imports torch, flowae.fastconv and the runtime contract only.
+Each architecture has one builder function (`build_seed`, `build_res`), registered under its
+`arch` name in ARCHITECTURES, that reads only its own config class (flowae.config: SeedConfig,
+ResConfig; VARIANTS names configs). `build_model` turns any config into a FlowAE. The seed
+layers follow the seed specification exactly (its tables are transcribed in
+tests/flowae/test_flowae_models.py), except that the seed's NumPy upsample (which cut the
+gradient) is a traceable nn.Upsample; they run exact fast kernels (flowae.fastconv) on CPU,
+outside export tracing. Imports torch, flowae.config, flowae.fastconv and the runtime only.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from flowae.config import VARIANTS, ModelConfig, ResConfig, SeedConfig, get_variant
 from flowae.fastconv import FastSequential
-from flowae.runtime.contract import DEFAULT_IMAGE_SIZE_PX, NUM_CLASSES
+from flowae.runtime.contract import DEFAULT_IMAGE_SIZE_PX
 from flowae.runtime.errors import FlowaeError
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model; saved in every checkpoint."""
-
-    name: str  # registry name, e.g. "upsample"
-    decoder: str = "base"  # "base" (big padded convolutions) or "upsample" (2x nearest + conv)
-    batchnorm: bool = False  # BatchNorm after every convolution (and after the hidden Linear)
-    dropout: bool = False  # the seed's three dropouts in the classifier
-    image_size_px: int = DEFAULT_IMAGE_SIZE_PX  # square input side
-    num_classes: int = NUM_CLASSES
-    arch: str = "seed"  # "seed" (SEED.md's layers) or "res" (residual encoder, GAP classifier)
-    widths: tuple[int, ...] = ()  # "res" only: channels of latent, stage 2, stage 3
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        data = dict(data)
-        data["widths"] = tuple(data.get("widths", ()))  # JSON gives a list
-        return cls(**data)
-
-
-VARIANTS: dict[str, ModelConfig] = {
-    "base": ModelConfig("base"),
-    "bn": ModelConfig("bn", batchnorm=True),
-    "bn-dropout": ModelConfig("bn-dropout", batchnorm=True, dropout=True),
-    "upsample": ModelConfig("upsample", decoder="upsample", batchnorm=True, dropout=True),
-    # Beyond the seed (issue 6): residual encoder and a global-average-pool classifier, with a
-    # light 2x-upsampling decoder; trained with the "modern" recipe (flowae.train.RECIPES).
-    # Widths are multiples of 16: onnxruntime's AVX-512 kernels work in blocks of 16 channels
-    # (measured: 24-48-96 runs slower than 32-48-96 at batch 1).
-    "res16": ModelConfig("res16", decoder="light", batchnorm=True, dropout=True, arch="res",
-                         widths=(16, 32, 64)),
-    "res32": ModelConfig("res32", decoder="light", batchnorm=True, dropout=True, arch="res",
-                         widths=(32, 48, 96)),
-}
-
-
-def get_variant(name: str) -> ModelConfig:
-    if name not in VARIANTS:
-        raise FlowaeError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+# The configs live in flowae.config (torch-free); training, export and tests name them here.
+__all__ = ["ARCHITECTURES", "VARIANTS", "FlowAE", "ModelConfig", "ResConfig", "SeedConfig",
+           "build_model", "count_parameters", "get_variant"]
 
 
 def conv_block(
@@ -119,7 +81,7 @@ class UpsampleDecoder(FastSequential):
 
 
 class Classifier(FastSequential):
-    """Latent (B, 16, 22, 22) -> (B, num_classes) logits."""
+    """Seed latent (B, 16, 22, 22) -> (B, num_classes) logits."""
 
     def __init__(self, batchnorm: bool, dropout: bool, num_classes: int):
         def maybe(flag: bool, module: nn.Module) -> list[nn.Module]:
@@ -207,36 +169,24 @@ class LightDecoder(nn.Sequential):
 
 
 class FlowAE(nn.Module):
-    """Encoder, decoder and classifier of one variant."""
+    """Encoder, decoder and classifier of one variant, built by its architecture's builder."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.arch not in ARCHITECTURES:
+            raise FlowaeError(f"unknown arch {config.arch!r}; expected one of "
+                              f"{', '.join(ARCHITECTURES)}")
         if config.image_size_px != DEFAULT_IMAGE_SIZE_PX:
             raise FlowaeError(
                 f"variant {config.name!r}: the layers need {DEFAULT_IMAGE_SIZE_PX} px "
                 f"inputs, got {config.image_size_px}"
             )
         self.config = config
-        if config.arch == "res":
-            if len(config.widths) != 3 or config.decoder != "light":
-                raise FlowaeError(f"variant {config.name!r}: arch 'res' needs three widths and "
-                                  f"the 'light' decoder")
-            self.encoder = ResEncoder(config.widths[0])
-            self.decoder = LightDecoder(config.widths[0])
-            self.classifier = ResClassifier(config.widths, config.dropout, config.num_classes)
-            return
-        if config.arch != "seed":
-            raise FlowaeError(f"unknown arch {config.arch!r}; expected 'seed' or 'res'")
-        self.encoder = Encoder(config.batchnorm)
-        decoders = {"base": BaseDecoder, "upsample": UpsampleDecoder}
-        if config.decoder not in decoders:
-            raise FlowaeError(f"unknown decoder {config.decoder!r}; expected {list(decoders)}")
-        self.decoder = decoders[config.decoder](config.batchnorm)
-        self.classifier = Classifier(config.batchnorm, config.dropout, config.num_classes)
+        self.encoder, self.decoder, self.classifier = ARCHITECTURES[config.arch](config)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits, latent); the decoder runs separately, as in deployment."""
-        latent = self.encoder(images)  # (B, 16, 22, 22)
+        latent = self.encoder(images)  # (B, *latent_shape())
         return self.classifier(latent), latent
 
     def use_fast_kernels(self, enabled: bool) -> FlowAE:
@@ -247,11 +197,40 @@ class FlowAE(nn.Module):
         return self
 
     def latent_shape(self) -> tuple[int, int, int]:
-        if self.config.arch == "res":
-            side = (self.config.image_size_px + 1) // 2 // 2  # stride-2 stem, 2x2 pool
+        """(C, h, w) of the encoder's output: (16, 22, 22) for the seed, (widths[0], 25, 25)
+        for the res family at 100 px."""
+        side = self.config.image_size_px
+        if isinstance(self.config, ResConfig):
+            side = (side + 1) // 2 // 2  # stride-2 stem, 2x2 pool
             return (self.config.widths[0], side, side)
-        side = ((self.config.image_size_px - 4) // 2 - 4) // 2  # two (5x5 conv, 2x2 pool)
+        side = ((side - 4) // 2 - 4) // 2  # two (5x5 conv, 2x2 pool)
         return (16, side, side)
+
+
+Parts = tuple[nn.Module, nn.Module, nn.Module]  # encoder, decoder, classifier
+
+
+def build_seed(config: SeedConfig) -> Parts:
+    decoders = {"base": BaseDecoder, "upsample": UpsampleDecoder}
+    if config.decoder not in decoders:
+        raise FlowaeError(f"unknown decoder {config.decoder!r}; expected {list(decoders)}")
+    return (Encoder(config.batchnorm), decoders[config.decoder](config.batchnorm),
+            Classifier(config.batchnorm, config.dropout, config.num_classes))
+
+
+def build_res(config: ResConfig) -> Parts:
+    if len(config.widths) != 3:
+        raise FlowaeError(f"variant {config.name!r}: arch 'res' needs three widths, got "
+                          f"{config.widths}")
+    return (ResEncoder(config.widths[0]), LightDecoder(config.widths[0]),
+            ResClassifier(config.widths, config.dropout, config.num_classes))
+
+
+# arch name -> its builder (its config class: flowae.config.CONFIG_TYPES)
+ARCHITECTURES: dict[str, Callable[..., Parts]] = {
+    SeedConfig.arch: build_seed,
+    ResConfig.arch: build_res,
+}
 
 
 def build_model(config: ModelConfig) -> FlowAE:

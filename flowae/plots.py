@@ -1,6 +1,7 @@
 """The seed's figures for a run: loss curves, accuracy per epoch, test reconstructions.
 
-Imports matplotlib (Agg, no display) and torch; called by the training loop on rank 0.
+Imports matplotlib (Agg, no display), torch and the runtime; called by the training loop on
+rank 0, written atomically.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from flowae.data import TensorSplit, to_float, to_uint8
 from flowae.runtime.contract import Preprocess
+from flowae.runtime.files import write_atomic
 
 LOSS_PLOT = "loss.png"
 ACCURACY_PLOT = "accuracy.png"
@@ -21,10 +23,9 @@ NUM_SHOWN = 10
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=110,
+                                                  bbox_inches="tight"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def plot_curves(run_dir: Path, history: dict) -> None:
@@ -65,7 +66,8 @@ def plot_curves(run_dir: Path, history: dict) -> None:
 @torch.no_grad()
 def plot_reconstructions(run_dir: Path, model, split: TensorSplit, preprocess: Preprocess,
                          device: torch.device) -> None:
-    """10 fixed test images (evenly spaced through the split) above their reconstructions."""
+    """10 fixed images (evenly spaced through the split; repeats when it holds fewer) above
+    their reconstructions."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,19 +1,24 @@
-"""The seed's two-phase recipe: autoencoder (MSE), then classifier fine-tuning (cross-entropy).
+"""The training loop: autoencoder, classifier and decoder-refit phases over in-memory data.
 
-`train()` is the one entry point: it loads the splits into memory, runs both phases with a
-checkpoint after every epoch, resumes from one, evaluates val each epoch and test at the end,
-and writes metrics.json and the plots into the run directory. It runs unchanged under torchrun
-(DistributedDataParallel: gloo on CPU, nccl on CUDA). Imports torch, flowae and the runtime's
-contract; never prints (progress bars go to stderr through tqdm, results are returned).
+Three phases, each optional by its epoch count: 1 the autoencoder (MSE on the reconstruction),
+2 the classifier with the encoder fine-tuned (cross-entropy), 3 the decoder refit to the final
+encoder (MSE, encoder frozen; 0 epochs in the seed recipe). `train()` is the one entry point:
+it reads the data (Flowers102 or class folders), runs the phases with a checkpoint after every
+epoch, resumes from one, evaluates val each epoch and test at the end, and writes metrics.json
+and the plots into the run directory; it returns a `TrainResult`. `evaluate_model` scores any
+model on a split. Runs unchanged under torchrun (DistributedDataParallel: gloo on CPU, nccl on
+CUDA, BatchNorm statistics over the global batch). Imports torch, flowae and the runtime; never
+prints (progress bars go to stderr through tqdm).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,98 +26,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowae import __version__
-from flowae.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from flowae.checkpoint import atomic_write_bytes as _atomic_write
-from flowae.data import TensorSplit, load_split, to_float
-from flowae.distributed import DistInfo
+from flowae.checkpoint import (
+    CHECKPOINT_NAME,
+    checkpoint_class_names,
+    checkpoint_payload,
+    load_checkpoint,
+    save_checkpoint,
+)
+from flowae.config import TrainConfig
+from flowae.data import (
+    Dataset,
+    TensorSplit,
+    load_split,
+    open_training_data,
+    preprocess_for,
+    to_float,
+)
+from flowae.distributed import DistInfo, sync_batchnorm
 from flowae.models import FlowAE, ModelConfig, build_model, count_parameters
 from flowae.runtime.contract import Preprocess
-from flowae.runtime.errors import CheckpointError, FlowaeError
+from flowae.runtime.errors import CheckpointError, DataError, FlowaeError
+from flowae.runtime.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 PHASES = ("ae", "cls", "dec")  # autoencoder, classifier, decoder refit (0 epochs in the seed)
 METRICS_NAME = "metrics.json"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every training default; the seed's recipe unless a comment says otherwise."""
-
-    ae_epochs: int = 100  # phase 1: autoencoder, MSE on the reconstruction
-    cls_epochs: int = 60  # phase 2: classifier + encoder fine-tuning, cross-entropy
-    batch_size: int = 255  # global batch (split across processes under torchrun)
-    lr: float = 1e-3  # Adam, both phases
-    seed: int = 0  # model init, shuffling, dropout and augmentation
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    augment: bool = False  # random resized crop + flip + colour jitter (not in the seed)
-    channels_last: bool = True  # NHWC memory layout: same numbers, faster convolutions
-    eval_batch_size: int = 128  # evaluation only; no effect on results (smaller runs faster on CPU)
-    # Beyond the seed (issue 6); each default below leaves the seed recipe unchanged.
-    optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | onecycle (linear warm-up, then cosine to zero)
-    label_smoothing: float = 0.0  # phase 2 cross-entropy
-    ae_images: str = "train"  # phase 1 images: train | train+val (val images without labels)
-    dec_epochs: int = 0  # phase 3: refit the decoder to the final encoder (encoder frozen)
-    crop_scale_min: float = 0.25  # augmentation: smallest crop area (fraction of the image)
-    bf16: bool = False  # bfloat16 autocast in training steps (AMX on this CPU); eval stays fp32
-    cutmix: float = 0.0  # phase 2: share of batches where CutMix (alpha 1) pastes a box of
-    # another image of the batch and mixes the two labels by area
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise CheckpointError(f"training options {sorted(unknown)} are unknown to this "
-                                  f"version of flowae ({__version__}); resume with the version "
-                                  f"that started the run")
-        return cls(**data)
-
-    def validate(self) -> None:
-        if self.ae_epochs < 0 or self.cls_epochs < 0:
-            raise FlowaeError("epochs must be >= 0")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise FlowaeError("batch sizes must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FlowaeError(f"learning rate must be > 0, got {self.lr}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise FlowaeError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "onecycle"),
-                   "ae_images": ("train", "train+val")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise FlowaeError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.dec_epochs < 0:
-            raise FlowaeError("epochs must be >= 0")
-        if not (0 <= self.weight_decay < 1 and 0 <= self.label_smoothing < 1):
-            raise FlowaeError("weight decay and label smoothing must be in [0, 1)")
-        if not 0 <= self.cutmix <= 1:
-            raise FlowaeError(f"cutmix must be in [0, 1], got {self.cutmix}")
-        if not 0 < self.crop_scale_min <= 1:
-            raise FlowaeError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
-
-
-# Named recipes: `flowae-train --recipe NAME` starts from one; explicit flags override fields.
-RECIPES: dict[str, TrainConfig] = {
-    "seed": TrainConfig(),
-    # Issue 6: augmentation, AdamW with one-cycle, label smoothing, autoencoder pre-training on
-    # train+val images (no labels), longer phase 2, and a decoder refit at the end. 300 phase-2
-    # epochs won on val over 200 and over 300 with CutMix (docs/RESULTS.md).
-    "modern": TrainConfig(ae_epochs=30, cls_epochs=300, batch_size=64, lr=2e-3,
-                          optimizer="adamw", weight_decay=0.05, schedule="onecycle",
-                          label_smoothing=0.1, augment=True, ae_images="train+val",
-                          dec_epochs=20, bf16=True),
-}
-# The recipe each variant trains with unless --recipe says otherwise.
-DEFAULT_RECIPE = {"base": "seed", "bn": "seed", "bn-dropout": "seed", "upsample": "seed"}
-
-
-def default_recipe(variant: str) -> str:
-    return DEFAULT_RECIPE.get(variant, "modern")
 
 
 WARMUP_FRACTION = 0.1  # onecycle: share of a phase's steps spent warming up from lr / 25
@@ -287,15 +226,19 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, probability: float,
 
 
 @torch.no_grad()
-def evaluate(
-    model: FlowAE, split: TensorSplit, preprocess: Preprocess, batch_size: int,
-    device: torch.device, dist: DistInfo, channels_last: bool = False,
-    inputs: torch.Tensor | None = None,
+def evaluate_model(
+    model: FlowAE, split: TensorSplit, preprocess: Preprocess, batch_size: int = 128,
+    device: torch.device | None = None, dist: DistInfo | None = None, *,
+    channels_last: bool = False, inputs: torch.Tensor | None = None,
 ) -> dict:
     """Reconstruction MSE, cross-entropy, top-1 and top-5 accuracy (%) over a whole split.
 
-    `inputs`, when given, is `float_inputs(split, ...)` computed once by the caller.
+    `device` defaults to the model's; `dist` (a run under torchrun) splits the batches across
+    processes and sums their results; `inputs`, when given, is `float_inputs(split, ...)`
+    computed once by the caller. The model is left in the mode it came in.
     """
+    device = device or next(model.parameters()).device
+    dist = dist or DistInfo()
     was_training = model.training
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64)  # mse_sum, ce_sum, top1, top5, count
@@ -328,50 +271,7 @@ def evaluate(
     }
 
 
-def _train_epoch(step_model, optimizer, batches: Batches, phase: str, config: TrainConfig,
-                 seed: int, dist: DistInfo, device: torch.device, bar,
-                 epoch: int = 1, total_epochs: int = 1) -> dict:
-    """One pass over the phase's images; returns mean loss (and accuracy in phase 2)."""
-    torch.manual_seed(seed + dist.rank)  # dropout draws, one stream per rank
-    step_model.train()
-    loss_sum, correct, count = 0.0, 0, 0
-    steps = batches.steps_per_epoch(config.batch_size, phase)
-    mixing = torch.Generator().manual_seed(seed + 7919 + dist.rank)  # CutMix draws, per rank
-    for step, (images, labels) in enumerate(batches.epoch(seed, config.batch_size, dist, device,
-                                                          phase)):
-        lr = learning_rate(config, ((epoch - 1) * steps + step) / (total_epochs * steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        mixed = None
-        if phase == "cls" and config.cutmix > 0:
-            images, mixed = cutmix(images, labels, config.cutmix, mixing)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            output = step_model(images)
-        output = output.float()  # losses in float32
-        if phase == "cls":
-            loss = F.cross_entropy(output, labels, label_smoothing=config.label_smoothing)
-            if mixed is not None:
-                other, share = mixed
-                loss = (1 - share) * loss + share * F.cross_entropy(
-                    output, other, label_smoothing=config.label_smoothing)
-            correct += (output.argmax(dim=1) == labels).sum().item()
-        else:
-            loss = F.mse_loss(output, images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(labels)
-        count += len(labels)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    totals = dist.all_reduce_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64))
-    result = {"train_loss": totals[0].item() / max(totals[2].item(), 1)}
-    if phase == "cls":
-        result["train_top1"] = 100.0 * totals[1].item() / max(totals[2].item(), 1)
-    return result
-
+# --- one phase ------------------------------------------------------------------------------
 
 def _phase_modules(model: FlowAE, phase: str) -> list[nn.Module]:
     # Phase 2 optimises encoder, decoder and classifier together, as the seed did; the decoder
@@ -399,12 +299,121 @@ def _wrap(model: FlowAE, phase: str, dist: DistInfo, device: torch.device) -> nn
     return step_model
 
 
-def _load_resume(run_dir: Path, model_config: ModelConfig, config: TrainConfig) -> dict | None:
+@dataclass
+class PhaseRun:
+    """One phase's training state: the graph it steps, its optimizer and where its data comes
+    from. `train_epoch` is one pass over the phase's images."""
+
+    phase: str  # one of PHASES
+    total_epochs: int
+    step_model: nn.Module  # _Reconstruct, _Classify or _Refit, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    batches: Batches
+    config: TrainConfig
+    dist: DistInfo
+    device: torch.device
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor,
+              mixing: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, output) of one batch; CutMix (phase 2 only) mixes images and labels."""
+        mixed = None
+        if self.phase == "cls" and self.config.cutmix > 0:
+            images, mixed = cutmix(images, labels, self.config.cutmix, mixing)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            output = self.step_model(images)
+        output = output.float()  # losses in float32
+        if self.phase != "cls":
+            return F.mse_loss(output, images), output
+        smoothing = self.config.label_smoothing
+        loss = F.cross_entropy(output, labels, label_smoothing=smoothing)
+        if mixed is not None:
+            other, share = mixed
+            loss = (1 - share) * loss + share * F.cross_entropy(output, other,
+                                                                label_smoothing=smoothing)
+        return loss, output
+
+    def train_epoch(self, epoch: int, bar=None) -> dict:
+        """Mean train loss (and, in phase 2, top-1 %) of epoch `epoch` (1-based)."""
+        seed = _epoch_seed(self.config.seed, self.phase, epoch)  # the same on every rank
+        rank = self.dist.rank
+        torch.manual_seed(seed + rank)  # dropout draws, one stream per rank
+        mixing = torch.Generator().manual_seed(seed + 7919 + rank)  # CutMix draws, per rank
+        self.step_model.train()
+        batch_size = self.config.batch_size
+        steps = self.batches.steps_per_epoch(batch_size, self.phase)
+        loss_sum, correct, count = 0.0, 0, 0
+        batches = self.batches.epoch(seed, batch_size, self.dist, self.device, self.phase)
+        for step, (images, labels) in enumerate(batches):
+            lr = learning_rate(self.config, ((epoch - 1) * steps + step)
+                               / (self.total_epochs * steps))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, output = self._loss(images, labels, mixing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            count += len(labels)
+            if self.phase == "cls":
+                correct += (output.argmax(dim=1) == labels).sum().item()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        totals = self.dist.all_reduce_sum(torch.tensor([loss_sum, correct, count],
+                                                       dtype=torch.float64))
+        row = {"train_loss": totals[0].item() / max(totals[2].item(), 1)}
+        if self.phase == "cls":
+            row["train_top1"] = 100.0 * totals[1].item() / max(totals[2].item(), 1)
+        return row
+
+
+# --- a whole run ----------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What `train` returns. `stopped`: `stop_after_epochs` ended the call before the last
+    epoch (resume continues it); then `metrics` is empty. Otherwise `metrics` is what
+    metrics.json holds."""
+
+    stopped: bool
+    progress: dict[str, int]  # epochs done per phase
+    history: dict[str, list[dict]]  # per phase, one row per epoch
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def test(self) -> dict | None:
+        """Final test figures (val's when the data has no test split), None when stopped."""
+        return self.metrics.get("test")
+
+
+@dataclass
+class _Record:
+    """Progress a checkpoint carries from one call of `train` to the next."""
+
+    history: dict[str, list[dict]]
+    done: dict[str, int]
+    seconds_before: float  # training time of earlier calls (resume)
+
+
+def _check_dataset(model_config: ModelConfig, dataset: Dataset) -> None:
+    if model_config.num_classes != len(dataset.class_names):
+        raise DataError(f"model {model_config.name!r} has {model_config.num_classes} outputs "
+                          f"but {dataset.root} has {len(dataset.class_names)} classes; build "
+                          f"the model with num_classes={len(dataset.class_names)}")
+
+
+def _same_data(saved: dict, dataset: Dataset) -> bool:
+    """Whether a checkpoint's recorded data is `dataset` (the folder may have moved)."""
+    now = dataset.describe()
+    return all(saved.get(key) == now[key] for key in now if key != "root")
+
+
+def _load_resume(run_dir: Path, model_config: ModelConfig, config: TrainConfig,
+                 dataset: Dataset) -> dict:
     path = run_dir / CHECKPOINT_NAME
-    if not path.exists():
-        return None
     payload = load_checkpoint(path)
-    if payload["model_config"] != model_config.to_dict():
+    if ModelConfig.from_dict(payload["model_config"]) != model_config:
         raise CheckpointError(
             f"{path}: --resume with another model ({payload['model_config']['name']!r}, "
             f"asked for {model_config.name!r}); use a new --out"
@@ -413,127 +422,202 @@ def _load_resume(run_dir: Path, model_config: ModelConfig, config: TrainConfig) 
     # Only the device may change on resume; anything else would make a different run.
     if replace(saved, device=config.device) != config:
         raise CheckpointError(f"{path}: --resume with other training options than the run had")
+    if tuple(checkpoint_class_names(payload)) != dataset.class_names or (
+            "dataset" in payload and not _same_data(payload["dataset"], dataset)):
+        raise CheckpointError(f"{path}: --resume with other data than the run had "
+                              f"({dataset.root}: other classes, split or image count)")
     return payload
+
+
+def _check_every_rank_sees_the_same(dist: DistInfo, has_run: bool, dataset: Dataset) -> None:
+    """Under torchrun on several nodes, each reads its own disk: the data and the run folder
+    must be the same everywhere (a shared filesystem for --out), or ranks would train apart."""
+    if dist.world_size == 1:
+        return
+    described = {k: v for k, v in dataset.describe().items() if k != "root"}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).digest()
+    mine = torch.tensor([float(has_run), float(int.from_bytes(digest[:4], "big"))],
+                        dtype=torch.float64)
+    total = dist.all_reduce_sum(mine.clone())
+    if total[0].item() not in (0, dist.world_size):
+        raise FlowaeError("some processes see a checkpoint in --out and others do not; put "
+                          "--out on a filesystem every node shares")
+    if total[1].item() != dist.world_size * mine[1].item():
+        raise DataError(f"{dataset.root}: the processes read different data (classes or "
+                        f"image counts differ between nodes)")
+
+
+def load_batches(dataset: Dataset, model_config: ModelConfig, config: TrainConfig, *,
+                 strict: bool = False) -> Batches:
+    """Decode the train and val splits once, at the sizes the recipe needs."""
+    preprocess = preprocess_for(model_config)
+    store_px = round(model_config.image_size_px * 1.15) if config.augment else None
+    train_split = load_split(dataset, "train", preprocess, store_px=store_px, strict=strict)
+    val_split = load_split(dataset, "val", preprocess, strict=strict)
+    ae_split = None
+    if config.ae_images == "train+val" and (config.ae_epochs or config.dec_epochs):
+        # Val images join phases 1 and 3 without their labels; they still choose nothing there.
+        val_store = (load_split(dataset, "val", preprocess, store_px, strict=strict)
+                     if store_px else val_split)
+        ae_split = TensorSplit(torch.cat([train_split.images, val_store.images]),
+                               torch.cat([train_split.labels, val_store.labels]))
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    return Batches(train_split, val_split, preprocess, config.augment, memory_format=layout,
+                   ae_train=ae_split, crop_scale_min=config.crop_scale_min)
+
+
+@dataclass
+class _Run:
+    """What every step of one `train` call reads: configs, data, where it runs and writes."""
+
+    model_config: ModelConfig
+    config: TrainConfig
+    dataset: Dataset
+    batches: Batches
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    strict: bool  # refuse unreadable class-folder images instead of skipping them
+
+
+def _build(run: _Run, state: dict | None) -> tuple[FlowAE, _Record]:
+    """The model (fresh and seeded, or the checkpoint's) on its device, and its progress."""
+    torch.manual_seed(run.config.seed)
+    model = build_model(run.model_config)
+    record = _Record({phase: [] for phase in PHASES}, dict.fromkeys(PHASES, 0), 0.0)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        record.history.update(state["history"])
+        record.done.update(state["progress"])
+        record.seconds_before = state.get("train_seconds", 0.0)
+    if run.dist.world_size > 1:
+        model = sync_batchnorm(model)  # batch statistics of the global batch, not the shard
+    model.to(run.device)
+    if run.config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, record
+
+
+def _save(run: _Run, model: FlowAE, record: _Record, phase: str,
+          optimizer: torch.optim.Optimizer, train_seconds: float) -> None:
+    if run.dist.is_main:
+        save_checkpoint(run.run_dir / CHECKPOINT_NAME, checkpoint_payload(
+            run.model_config, run.config, model, dataset=run.dataset.describe(), phase=phase,
+            progress=record.done, history=record.history, optimizer=optimizer,
+            train_seconds=train_seconds))
+    run.dist.barrier()
+
+
+def _run_phases(run: _Run, model: FlowAE, record: _Record, state: dict | None,
+                stop_after_epochs: int | None, progress: bool) -> bool:
+    """Train the epochs still to do, checkpointing after each; True if stopped early."""
+    from tqdm import tqdm
+
+    config, batches = run.config, run.batches
+    val_inputs = float_inputs(batches.val, batches.preprocess, run.device, batches.memory_format)
+    epochs_run = 0
+    started = time.perf_counter()
+    totals = (config.ae_epochs, config.cls_epochs, config.dec_epochs)
+    for phase, total in zip(PHASES, totals, strict=True):
+        if record.done[phase] >= total:
+            continue
+        phase_run = PhaseRun(phase, total, _wrap(model, phase, run.dist, run.device),
+                             _make_optimizer(model, phase, config), batches, config, run.dist,
+                             run.device)
+        if state is not None and state["phase"] == phase:
+            phase_run.optimizer.load_state_dict(state["optimizer"])
+        bar = tqdm(range(record.done[phase] + 1, total + 1),
+                   desc=f"{run.model_config.name} {phase}", unit="epoch",
+                   disable=not (progress and run.dist.is_main), dynamic_ncols=True)
+        for epoch in bar:
+            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                bar.close()
+                return True
+            tick = time.perf_counter()
+            row = {"epoch": epoch, **phase_run.train_epoch(epoch, bar)}
+            val = evaluate_model(model, batches.val, batches.preprocess, config.eval_batch_size,
+                                 run.device, run.dist, channels_last=config.channels_last,
+                                 inputs=val_inputs)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            row["seconds"] = time.perf_counter() - tick
+            record.history[phase].append(row)
+            record.done[phase] = epoch
+            epochs_run += 1
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}",
+                            val=f"{val['top1'] if phase == 'cls' else val['recon_mse']:.3g}")
+            _save(run, model, record, phase, phase_run.optimizer,
+                  record.seconds_before + time.perf_counter() - started)
+    record.seconds_before += time.perf_counter() - started
+    return False
+
+
+def _finish(run: _Run, model: FlowAE, record: _Record, load_s: float) -> dict:
+    """Test figures (val's when the data has no test split), then metrics.json, plots and the
+    final checkpoint; returns the metrics."""
+    config, preprocess = run.config, run.batches.preprocess
+    final_split = "test" if "test" in run.dataset.splits else "val"
+    final = (load_split(run.dataset, "test", preprocess, strict=run.strict)
+             if final_split == "test" else run.batches.val)
+    test = evaluate_model(model, final, preprocess, config.eval_batch_size, run.device,
+                          run.dist, channels_last=config.channels_last)
+    metrics = {
+        "variant": run.model_config.name, "model_config": run.model_config.to_dict(),
+        "train_config": config.to_dict(), "parameters": count_parameters(model),
+        "world_size": run.dist.world_size, "device": str(run.device),
+        "torch": torch.__version__, "flowae": __version__,
+        "class_names": list(run.dataset.class_names), "dataset": run.dataset.describe(),
+        "data_load_seconds": load_s, "train_seconds": record.seconds_before,
+        "history": record.history, "test_split": final_split, "test": test,
+    }
+    if run.dist.is_main:
+        payload = load_checkpoint(run.run_dir / CHECKPOINT_NAME)
+        payload.update({"test": test, "train_seconds": record.seconds_before})
+        save_checkpoint(run.run_dir / CHECKPOINT_NAME, payload)
+        write_text_atomic(run.run_dir / METRICS_NAME, json.dumps(metrics, indent=2))
+        from flowae.plots import save_plots
+
+        save_plots(run.run_dir, record.history, model, final, preprocess, run.device)
+    run.dist.barrier()
+    return metrics
 
 
 def train(
     model_config: ModelConfig,
     config: TrainConfig,
-    data_root: Path,
+    data: Path | Dataset,
     run_dir: Path,
     *,
     resume: bool = False,
     stop_after_epochs: int | None = None,
     progress: bool = True,
     dist: DistInfo | None = None,
-) -> dict:
-    """Run (or continue) both phases; return the metrics also written to metrics.json.
+    strict: bool = False,
+) -> TrainResult:
+    """Run (or continue) the three phases; write checkpoint, metrics.json and plots.
 
-    `stop_after_epochs` ends this call after that many epochs (counting both phases) with a
-    checkpoint in place, so that `resume=True` can continue it later.
+    `data` is a Dataset (runtime.datasets) or a folder holding Flowers102. `strict` refuses
+    unreadable images in class-folder data instead of skipping them. `stop_after_epochs` ends
+    this call after that many epochs (all phases counted) with a checkpoint in place, so that
+    `resume=True` can continue it later.
     """
-    from tqdm import tqdm
-
     config.validate()
     dist = dist or DistInfo()
     run_dir = Path(run_dir)
     device = dist.device(resolve_device(config.device))
-    if (run_dir / CHECKPOINT_NAME).exists() and not resume:
+    dataset = data if isinstance(data, Dataset) else open_training_data(Path(data))
+    _check_dataset(model_config, dataset)
+    has_run = (run_dir / CHECKPOINT_NAME).exists()
+    _check_every_rank_sees_the_same(dist, has_run, dataset)
+    if has_run and not resume:
         raise FlowaeError(f"{run_dir} already holds a run; pass --resume or choose another --out")
-    state = _load_resume(run_dir, model_config, config) if resume else None
+    state = _load_resume(run_dir, model_config, config, dataset) if resume and has_run else None
 
-    preprocess = Preprocess(image_size_px=model_config.image_size_px,
-                            resize_px=model_config.image_size_px)
     started = time.perf_counter()
-    store_px = round(model_config.image_size_px * 1.15) if config.augment else None
-    layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    train_split = load_split(data_root, "train", preprocess, store_px=store_px)
-    val_split = load_split(data_root, "val", preprocess)
-    ae_split = None
-    if config.ae_images == "train+val" and (config.ae_epochs or config.dec_epochs):
-        # Val images join phases 1 and 3 without their labels; they still choose nothing there.
-        val_store = load_split(data_root, "val", preprocess, store_px) if store_px else val_split
-        ae_split = TensorSplit(torch.cat([train_split.images, val_store.images]),
-                               torch.cat([train_split.labels, val_store.labels]))
-    batches = Batches(train_split, val_split, preprocess, config.augment, memory_format=layout,
-                      ae_train=ae_split, crop_scale_min=config.crop_scale_min)
+    batches = load_batches(dataset, model_config, config, strict=strict)
     load_s = time.perf_counter() - started
-
-    torch.manual_seed(config.seed)
-    model = build_model(model_config)
-    history = {phase: [] for phase in PHASES}
-    done = dict.fromkeys(PHASES, 0)
-    elapsed_before = 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        history.update(state["history"])
-        done.update(state["progress"])
-        elapsed_before = state.get("train_seconds", 0.0)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    val_inputs = float_inputs(batches.val, preprocess, device, layout)  # scaled once, not per epoch
-    epochs_run = 0
-    phase_start = time.perf_counter()
-    totals = (config.ae_epochs, config.cls_epochs, config.dec_epochs)
-    for phase, total in zip(PHASES, totals, strict=True):
-        if done[phase] >= total:
-            continue
-        optimizer = _make_optimizer(model, phase, config)
-        if state is not None and state["phase"] == phase:
-            optimizer.load_state_dict(state["optimizer"])
-        step_model = _wrap(model, phase, dist, device)
-        bar = tqdm(range(done[phase] + 1, total + 1), desc=f"{model_config.name} {phase}",
-                   unit="epoch", disable=not (progress and dist.is_main), dynamic_ncols=True)
-        for epoch in bar:
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-                bar.close()
-                return {"stopped": True, "history": history, "progress": done}
-            seed = _epoch_seed(config.seed, phase, epoch)  # the same on every rank
-            tick = time.perf_counter()
-            row = {"epoch": epoch}
-            row.update(_train_epoch(step_model, optimizer, batches, phase, config, seed, dist,
-                                    device, bar, epoch, total))
-            val = evaluate(model, batches.val, preprocess, config.eval_batch_size, device, dist,
-                           config.channels_last, inputs=val_inputs)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            row["seconds"] = time.perf_counter() - tick
-            history[phase].append(row)
-            done[phase] = epoch
-            epochs_run += 1
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}",
-                            val=f"{val['top1'] if phase == 'cls' else val['recon_mse']:.3g}")
-            if dist.is_main:
-                save_checkpoint(run_dir / CHECKPOINT_NAME, {
-                    "model_config": model_config.to_dict(), "train_config": config.to_dict(),
-                    "phase": phase, "progress": dict(done), "history": history,
-                    "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "train_seconds": elapsed_before + time.perf_counter() - phase_start,
-                    "flowae_version": __version__,
-                })
-            dist.barrier()
-    train_seconds = elapsed_before + time.perf_counter() - phase_start
-
-    test = load_split(data_root, "test", preprocess)
-    test_metrics = evaluate(model, test, preprocess, config.eval_batch_size, device, dist,
-                            config.channels_last)
-    metrics = {
-        "variant": model_config.name, "model_config": model_config.to_dict(),
-        "train_config": config.to_dict(), "parameters": count_parameters(model),
-        "world_size": dist.world_size, "device": str(device), "torch": torch.__version__,
-        "flowae": __version__, "data_load_seconds": load_s, "train_seconds": train_seconds,
-        "history": history, "test": test_metrics,
-    }
-    if dist.is_main:
-        payload = load_checkpoint(run_dir / CHECKPOINT_NAME)
-        payload.update({"test": test_metrics, "train_seconds": train_seconds})
-        save_checkpoint(run_dir / CHECKPOINT_NAME, payload)
-        text = json.dumps(metrics, indent=2).encode()
-        _atomic_write(run_dir / METRICS_NAME, lambda handle: handle.write(text))
-        from flowae.plots import save_plots
-
-        save_plots(run_dir, history, model, test, preprocess, device)
-    dist.barrier()
-    return metrics
+    run = _Run(model_config, config, dataset, batches, run_dir, dist, device, strict)
+    model, record = _build(run, state)
+    if _run_phases(run, model, record, state, stop_after_epochs, progress):
+        return TrainResult(True, dict(record.done), record.history)
+    return TrainResult(False, dict(record.done), record.history,
+                       _finish(run, model, record, load_s))

@@ -9,6 +9,8 @@ this module. It imports the standard library only, so every part of the project 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from flowae.runtime.errors import ContractError
@@ -26,6 +28,11 @@ ROLE_DECODER = "decoder"
 PRECISIONS = ("fp32", "int8", "fp16")
 MANIFEST_NAME = "manifest.json"  # export's report in a model directory (see flowae.export)
 MANIFEST_RECOMMENDED = "recommended_precision"  # manifest key: the precision to serve by default
+# manifest key: {provider family ("cpu", "cuda", "tensorrt", ...): precision to serve there}
+MANIFEST_RECOMMENDED_BY_PROVIDER = "recommended_precision_by_provider"
+MANIFEST_FILES = "files"  # manifest key: {file name: {"sha256": hex, "size_bytes": int, ...}}
+# Serialisations a graph may be written in: ONNX protobuf, or onnxruntime's own ORT format.
+GRAPH_FORMATS = ("onnx", "ort")
 # Keys of ModelMetadata.extra under which export copies the training run's own test figures (%).
 EXTRA_TEST_TOP1 = "test_top1"
 EXTRA_TEST_TOP5 = "test_top5"
@@ -37,11 +44,13 @@ OUTPUT_RECONSTRUCTION = "reconstruction"  # (B, 3, H, W) in [-1, 1]
 BATCH_AXIS = "batch"  # name of the dynamic first axis of every input and output
 
 
-def graph_file(role: str, precision: str = "fp32") -> str:
-    """File name of a graph inside a model directory: `decoder.onnx`, `decoder.int8.onnx`."""
-    if role not in GRAPH_IO or precision not in PRECISIONS:
-        raise ContractError(f"no graph file for role {role!r} in precision {precision!r}")
-    return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
+def graph_file(role: str, precision: str = "fp32", fmt: str = "onnx") -> str:
+    """File name of a graph inside a model directory: `decoder.onnx`, `decoder.int8.onnx`,
+    `decoder.int8.ort`."""
+    if role not in GRAPH_IO or precision not in PRECISIONS or fmt not in GRAPH_FORMATS:
+        raise ContractError(f"no graph file for role {role!r} in precision {precision!r} "
+                            f"and format {fmt!r}")
+    return f"{role}.{fmt}" if precision == "fp32" else f"{role}.{precision}.{fmt}"
 
 
 GRAPH_IO = {
@@ -100,16 +109,23 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
+        """The rule as written, types unchanged (lists become tuples); `validate` judges it."""
+        if not isinstance(data, dict):
+            raise ContractError(f"preprocess metadata is not a JSON object: {data!r:.60}")
         try:
             return cls(
-                image_size_px=int(data["image_size_px"]),
-                resize_px=int(data["resize_px"]),
-                mean=tuple(float(v) for v in data["mean"]),
-                std=tuple(float(v) for v in data["std"]),
-                resize_filter=str(data["resize_filter"]),
+                image_size_px=data["image_size_px"],
+                resize_px=data["resize_px"],
+                mean=_as_tuple(data["mean"]),
+                std=_as_tuple(data["std"]),
+                resize_filter=data["resize_filter"],
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ContractError(f"preprocess metadata is malformed: {exc}") from exc
+        except KeyError as exc:
+            raise ContractError(f"preprocess metadata has no {exc}") from exc
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,7 @@ class ModelMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> ModelMetadata:
+        """Parse and `validate` the metadata document; ContractError (one line) if it is bad."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -145,15 +162,108 @@ class ModelMetadata:
         role = data.get("role")
         if role not in GRAPH_IO:
             raise ContractError(f"unknown graph role {role!r}; expected one of {sorted(GRAPH_IO)}")
-        try:
-            return cls(
-                role=role,
-                variant=str(data["variant"]),
-                preprocess=Preprocess.from_dict(data["preprocess"]),
-                latent_shape=tuple(int(v) for v in data["latent_shape"]),
-                class_names=tuple(str(v) for v in data["class_names"]),
-                contract_version=version,
-                extra=dict(data.get("extra", {})),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ContractError(f"'{METADATA_KEY}' metadata is missing or bad: {exc}") from exc
+        missing = [key for key in ("variant", "preprocess", "latent_shape", "class_names")
+                   if key not in data]
+        if missing:
+            raise ContractError(f"'{METADATA_KEY}' metadata has no {', '.join(missing)}")
+        extra = data.get("extra", {})
+        metadata = cls(
+            role=role,
+            variant=data["variant"],
+            preprocess=Preprocess.from_dict(data["preprocess"]),
+            latent_shape=_as_tuple(data["latent_shape"]),
+            class_names=_as_tuple(data["class_names"]),
+            contract_version=version,
+            extra=dict(extra) if isinstance(extra, dict) else {},
+        )
+        validate(metadata)
+        return metadata
+
+
+# Limits of `validate`. A side above MAX_IMAGE_SIDE_PX is no model of this project (they are
+# 100 px) and would make every batch gigabytes; the limit turns a typo into an error.
+MAX_IMAGE_SIDE_PX = 4096
+RESIZE_FILTERS = (RESIZE_FILTER,)  # the filters runtime.preprocess implements
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _static(dims) -> tuple:
+    """A graph's declared dims with symbolic ones (names, None) kept as None."""
+    return tuple(d if _is_int(d) else None for d in dims)
+
+
+def _differs(found, expected) -> bool:
+    found = _static(found)
+    return len(found) != len(expected) or any(
+        f is not None and f != e for f, e in zip(found, expected, strict=True))
+
+
+def validate(
+    metadata: ModelMetadata,
+    *,
+    logits_dim: int | str | None = None,
+    latent_shape: Sequence | None = None,
+    image_shape: Sequence | None = None,
+) -> None:
+    """Refuse, with one ContractError line, metadata this runtime cannot serve correctly.
+
+    The keywords are what the graph itself declares (batch axis left out; symbolic dims are
+    not compared): the classifier's number of logits, the latent's (C, h, w) and the image's
+    (3, S, S). Checks: class names (non-empty, distinct strings, as many as logits), latent
+    shape (3 positive ints), the preprocessing rule (sides 1..MAX_IMAGE_SIDE_PX, a known
+    resize filter, mean and std of 3 finite numbers, std > 0), and the graph's own dims.
+
+    resize_px below image_size_px is allowed: the crop rule pads with zeros as torchvision's
+    CenterCrop does (runtime.preprocess follows it), so such a model is served as trained.
+    Duplicate class names are refused: an answer naming a class must name one label.
+    """
+    spec = metadata.preprocess
+    for name in ("image_size_px", "resize_px"):
+        value = getattr(spec, name)
+        if not _is_int(value) or not 1 <= value <= MAX_IMAGE_SIDE_PX:
+            raise ContractError(f"preprocess {name} must be an integer from 1 to "
+                                f"{MAX_IMAGE_SIDE_PX}, got {value!r}")
+    if spec.resize_filter not in RESIZE_FILTERS:
+        raise ContractError(f"unsupported resize filter {spec.resize_filter!r}; this runtime "
+                            f"implements {', '.join(RESIZE_FILTERS)}")
+    for name in ("mean", "std"):
+        value = getattr(spec, name)
+        if not (isinstance(value, tuple) and len(value) == 3 and all(map(_is_number, value))):
+            raise ContractError(f"preprocess {name} must be 3 finite numbers (R, G, B), "
+                                f"got {value!r:.80}")
+    if any(v <= 0 for v in spec.std):
+        raise ContractError(f"preprocess std must be > 0 in every channel, got {spec.std!r}")
+    latent = metadata.latent_shape
+    if not (isinstance(latent, tuple) and len(latent) == 3
+            and all(_is_int(v) and v > 0 for v in latent)):
+        raise ContractError(f"latent_shape must be 3 positive integers (C, h, w), "
+                            f"got {latent!r:.80}")
+    names = metadata.class_names
+    if not isinstance(names, tuple) or not names:
+        raise ContractError(f"class_names must be a non-empty list, got {names!r:.80}")
+    bad = next((n for n in names if not isinstance(n, str) or not n.strip()), None)
+    if bad is not None:
+        raise ContractError(f"class_names must be non-empty strings, found {bad!r:.60}")
+    if len(set(names)) != len(names):
+        seen = set()
+        twice = next(n for n in names if n in seen or seen.add(n))
+        raise ContractError(f"class name {twice!r} appears more than once")
+    if not isinstance(metadata.variant, str) or not metadata.variant:
+        raise ContractError(f"variant must be a non-empty string, got {metadata.variant!r:.60}")
+    if _is_int(logits_dim) and logits_dim != len(names):
+        raise ContractError(f"graph gives {logits_dim} logits but its metadata names "
+                            f"{len(names)} classes")
+    if latent_shape is not None and _differs(latent_shape, latent):
+        raise ContractError(f"graph's latent is {_static(latent_shape)}, its metadata says "
+                            f"{latent}")
+    side = spec.image_size_px
+    if image_shape is not None and _differs(image_shape, (3, side, side)):
+        raise ContractError(f"graph's image tensor is {_static(image_shape)}, its metadata "
+                            f"says {(3, side, side)}")

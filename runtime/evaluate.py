@@ -1,8 +1,8 @@
 """Accuracy of the deployed model, measured through the runtime alone (no torch, no scipy).
 
-`evaluate` runs a Predictor over Flowers102's official test split (top-1/top-5; the split and
-labels are read from the dataset's own .mat files by a small MATLAB v5 reader here) and,
-optionally, over a folder of full-size photos listed in labels.csv (file,label,class_name).
+`evaluate` runs a Predictor over a labelled dataset's test split (top-1/top-5): Flowers102's
+official one, or a class-folder dataset's test/ (val/ when it has none), read by
+runtime.datasets; and, optionally, over a folder of full-size photos listed in labels.csv.
 Each set is run twice, with full JPEG decoding (bit-exact with training's eval transform) and
 with reduced-size decoding (Pillow's draft), and the report states the top-1 difference, the
 share of images whose top-1 changed and how many images the draft actually reduced: the figure
@@ -12,10 +12,7 @@ runtime only; the CLI (runtime.cli --evaluate) prints what this returns.
 
 from __future__ import annotations
 
-import csv
 import os
-import struct
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,109 +20,10 @@ import numpy as np
 from PIL import Image
 
 from flowae.runtime.contract import EXTRA_TEST_TOP1, EXTRA_TEST_TOP5
+from flowae.runtime.datasets import fullres_files, open_dataset
 from flowae.runtime.errors import DataError
 from flowae.runtime.images import draft_scale
 from flowae.runtime.predictor import Predictor, ProgressFn
-
-# torchvision's Flowers102 layout: ROOT/flowers-102/{jpg/, imagelabels.mat, setid.mat}.
-FLOWERS102_FOLDER = "flowers-102"
-SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # arrays inside setid.mat
-FULLRES_LABELS = "labels.csv"  # beside jpg/ in a full-size photo folder
-
-# MATLAB v5 element types -> NumPy dtypes (numeric data only).
-_MAT_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8",
-               12: "i8", 13: "u8"}  # fmt: skip
-_MI_MATRIX, _MI_COMPRESSED = 14, 15
-_NUMERIC_CLASSES = range(6, 16)  # mxDOUBLE_CLASS .. mxUINT64_CLASS
-_COMPLEX_FLAG = 0x0800
-
-
-def _mat_elements(buffer: bytes, order: str):
-    """Yield (type, payload) of each data element, the small 4-byte form included."""
-    pos = 0
-    while pos + 8 <= len(buffer):
-        mdtype, nbytes = struct.unpack_from(order + "II", buffer, pos)
-        if mdtype >> 16:  # small element: size in the high half, data in the next 4 bytes
-            yield mdtype & 0xFFFF, buffer[pos + 4 : pos + 4 + (mdtype >> 16)]
-            pos += 8
-            continue
-        yield mdtype, buffer[pos + 8 : pos + 8 + nbytes]
-        # Compressed elements are not padded; everything else is, to 8 bytes.
-        pos += 8 + (nbytes if mdtype == _MI_COMPRESSED else (nbytes + 7) // 8 * 8)
-
-
-def _mat_matrix(payload: bytes, order: str) -> tuple[str, np.ndarray] | None:
-    parts = list(_mat_elements(payload, order))
-    if len(parts) < 4:
-        return None
-    flags = np.frombuffer(parts[0][1], order + "u4")
-    if flags[0] & 0xFF not in _NUMERIC_CLASSES or flags[0] & _COMPLEX_FLAG:
-        return None  # cells, structs, chars and complex numbers: not needed here
-    dims = tuple(int(d) for d in np.frombuffer(parts[1][1], order + "i4"))
-    name = parts[2][1].decode("ascii")
-    real_type, real = parts[3]
-    if real_type not in _MAT_DTYPES:
-        return None
-    values = np.frombuffer(real, order + _MAT_DTYPES[real_type])
-    return name, values.reshape(dims, order="F")
-
-
-def read_mat(path: Path) -> dict[str, np.ndarray]:
-    """The numeric arrays of a MATLAB v5 .mat file (what setid.mat and imagelabels.mat hold)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    if len(data) < 128 or data[126:128] not in (b"IM", b"MI") or not data.startswith(b"MATLAB"):
-        raise DataError(f"{path}: not a MATLAB 5.0 .mat file")
-    order = "<" if data[126:128] == b"IM" else ">"
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        for mdtype, payload in _mat_elements(data[128:], order):
-            if mdtype == _MI_COMPRESSED:
-                inner = zlib.decompress(payload)
-                mdtype, payload = next(_mat_elements(inner, order))
-            if mdtype == _MI_MATRIX:
-                found = _mat_matrix(payload, order)
-                if found is not None:
-                    arrays[found[0]] = found[1]
-    except (zlib.error, struct.error, ValueError, UnicodeDecodeError, StopIteration) as exc:
-        raise DataError(f"{path}: corrupt .mat file ({exc})") from exc
-    return arrays
-
-
-def flowers102_split(root: Path, split: str = "test") -> tuple[list[Path], np.ndarray]:
-    """Paths and 0-based labels of one official split, as torchvision's Flowers102 gives them."""
-    if split not in SPLIT_KEYS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_KEYS)}")
-    base = Path(root) / FLOWERS102_FOLDER
-    for needed in (base / "jpg", base / "setid.mat", base / "imagelabels.mat"):
-        if not needed.exists():
-            raise DataError(f"{root}: not a Flowers102 folder (no {needed.relative_to(root)})")
-    set_ids = read_mat(base / "setid.mat")
-    all_labels = read_mat(base / "imagelabels.mat").get("labels")
-    ids = set_ids.get(SPLIT_KEYS[split])
-    if ids is None or all_labels is None:
-        raise DataError(f"{base}: setid.mat or imagelabels.mat lacks its arrays")
-    ids = ids.astype(np.int64).ravel()
-    all_labels = all_labels.astype(np.int64).ravel()
-    if ids.min() < 1 or ids.max() > len(all_labels):
-        raise DataError(f"{base}: setid.mat and imagelabels.mat disagree")
-    paths = [base / "jpg" / f"image_{i:05d}.jpg" for i in ids]
-    return paths, all_labels[ids - 1] - 1
-
-
-def fullres_files(root: Path) -> tuple[list[Path], np.ndarray]:
-    """Paths and labels of a full-size photo folder: ROOT/labels.csv and ROOT/jpg/FILE."""
-    table = Path(root) / FULLRES_LABELS
-    try:
-        with open(table, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        paths = [Path(root) / "jpg" / row["file"] for row in rows]
-        labels = np.array([int(row["label"]) for row in rows], dtype=np.int64)
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise DataError(f"{table}: expected a CSV with columns file,label ({exc})") from exc
-    return paths, labels
 
 
 @dataclass(frozen=True)
@@ -141,6 +39,7 @@ class Accuracy:
 def score(predictor: Predictor, paths: list[Path], labels: np.ndarray,
           progress: ProgressFn | None = None) -> tuple[Accuracy, np.ndarray]:
     """Accuracy over `paths`, and the top-1 label per image (-1 where it failed)."""
+    labels = np.asarray(labels, dtype=np.int64)
     top1_labels = np.full(len(paths), -1, dtype=np.int64)
     hits5 = 0
     for i, result in enumerate(predictor.run(paths, top_k=5, progress=progress)):
@@ -192,6 +91,14 @@ def _pytorch_test_accuracy(extra: dict) -> dict | None:
     return {name: float(value) for name, value in found.items() if isinstance(value, int | float)}
 
 
+def _check_class_names(data_names: tuple[str, ...], model_names: tuple[str, ...],
+                       root: Path) -> None:
+    """Labels are indices: they mean the same only when both sides list the same classes."""
+    if tuple(data_names) != tuple(model_names):
+        raise DataError(f"{root}: the dataset's {len(data_names)} classes are not the model's "
+                        f"{len(model_names)} classes (or not in the same order)")
+
+
 def evaluate(
     model: str | os.PathLike | None,
     data_root: Path,
@@ -214,7 +121,11 @@ def evaluate(
         "provider": full.provider,
         "variant": full.metadata.variant,
     }
-    paths, labels = flowers102_split(Path(data_root), "test")
+    dataset = open_dataset(Path(data_root))
+    _check_class_names(dataset.class_names, full.class_names, dataset.root)
+    split = "test" if "test" in dataset.splits else "val"
+    report["split"] = split
+    paths, labels = dataset.split(split)
     report["test"] = compare_decodes(full, draft, paths, labels, progress)
     pytorch = _pytorch_test_accuracy(full.metadata.extra)
     if pytorch is not None:
@@ -222,6 +133,6 @@ def evaluate(
         report["runtime_minus_pytorch_top1"] = report["test"]["full_decode"]["top1"] - pytorch[
             "top1"]
     if fullres_root is not None:
-        paths, labels = fullres_files(Path(fullres_root))
+        paths, labels = fullres_files(Path(fullres_root), len(full.class_names))
         report["fullres"] = compare_decodes(full, draft, paths, labels, progress)
     return report

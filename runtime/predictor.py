@@ -1,22 +1,21 @@
 """The device predictor: exported ONNX graphs in, top-k flower names and reconstructions out.
 
-`Predictor` loads a model directory written by flowae-export (or one encoder_classifier file),
-checks each graph against the contract, and keeps one cached onnxruntime InferenceSession per
-graph (the decoder's on first use). It takes paths, PIL images and uint8 arrays, decodes them
-on a small thread pool (Pillow releases the GIL) while the model runs on the previous batch,
-and is safe to call from many threads at once: sessions are only read after they are built,
-and each call keeps its own state. Without an explicit model it serves the one bundled as
-package data in runtime/models/. Imports onnxruntime, numpy, Pillow and the runtime only.
+`Predictor` finds a model's files with runtime.modeldir (which verifies them against the
+manifest), opens each graph through runtime.session on a fallback list of providers, and
+refuses, with runtime.contract.validate, metadata that does not fit the contract or the
+graph's own tensors. It keeps one session per graph (the decoder's built on first use),
+takes paths, PIL images and uint8 arrays, decodes them on a small thread pool (Pillow
+releases the GIL) while the model runs on the previous batch, and is safe to call from many
+threads at once: sessions are only read after they are built, and each call keeps its own
+state. Without an explicit model it serves the one bundled in runtime/models/. Imports
+onnxruntime, numpy, Pillow and the runtime only.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,34 +25,43 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from flowae.runtime import __version__
 from flowae.runtime.contract import (
     GRAPH_IO,
-    MANIFEST_NAME,
-    MANIFEST_RECOMMENDED,
+    INPUT_IMAGE,
+    INPUT_LATENT,
     METADATA_KEY,
-    PRECISIONS,
+    OUTPUT_LATENT,
+    OUTPUT_LOGITS,
+    OUTPUT_RECONSTRUCTION,
     ROLE_DECODER,
     ROLE_ENCODER_CLASSIFIER,
     ModelMetadata,
     graph_file,
+    validate,
 )
 from flowae.runtime.errors import ContractError, FlowaeError, ImageError, ModelLoadError
+from flowae.runtime.images import DEFAULT_MAX_PIXELS
+from flowae.runtime.modeldir import resolve_model
 from flowae.runtime.preprocess import ImageSource, denormalize, describe, load_pixels, normalize
+from flowae.runtime.session import available_providers, create_session, parse_providers, short_name
 
-# Package data: where an installed flowae keeps the model it serves without --model.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
-PROVIDERS = ("auto", "cpu", "cuda")
-_ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+DEFAULT_PROVIDERS = "auto"  # every provider this onnxruntime offers, best first
 DEFAULT_BATCH_SIZE = 32  # images per model call; larger only adds memory on this small model
-# Reduced-size JPEG decoding is the default: the issue's rule (test-split top-1 may drop by at
-# most 0.2 points) holds, with a drop of 0.00 points, because the test split's 160 px photos
-# are never reduced for a 100 px model. On the 306 full-size photos, where it acts, top-1 was
-# 28.43% with it vs 27.78% without (13 of 306 top-1 answers changed) on a short-trained
-# `upsample` model, and decoding took 0.95 instead of 2.50 ms per photo (p50).
-# Measure again with `flowae-infer --evaluate DATA_ROOT --fullres DIR` for a new model.
+# Upper bounds of the numeric options, so that a typo is refused instead of exhausting the host.
+# onnxruntime starts one OS thread per intra-op thread for each session (two per Predictor);
+# 256 covers the largest common hosts (2 x 64 cores with SMT), more only contend for cores.
+MAX_THREADS = 256
+# A batch of 4096 100 px images is about 0.5 GB of float32 input plus ~0.3 GB of latents;
+# throughput stops growing long before that, so larger batches only risk running out of memory.
+MAX_BATCH_SIZE = 4096
+MAX_DECODE_WORKERS = MAX_THREADS
+# Reduced-size JPEG decoding is on by default: large JPEGs decode about 2.5x faster and top-1
+# did not drop; `flowae-infer --evaluate DATA_ROOT --fullres DIR` measures both for a model.
 DEFAULT_JPEG_DRAFT = True
 
 ProgressFn = Callable[[int, int], None]  # (images done, images in total)
+ProviderOptions = Mapping[str, Mapping[str, object]]  # {provider: {key: value}}
 
 
 class Prediction(NamedTuple):
@@ -82,95 +90,14 @@ class ImageResult:
     def name(self) -> str:
         return describe(self.source)
 
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """The graph files of one model and the precision they were chosen in."""
-
-    encoder_classifier: Path
-    decoder: Path | None  # None: this model cannot reconstruct
-    precision: str
-
-
-def _read_manifest(model_dir: Path) -> dict:
-    path = model_dir / MANIFEST_NAME
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: unreadable manifest ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ModelLoadError(f"{path}: manifest is not a JSON object")
-    return manifest
-
-
-def resolve_model(model: str | os.PathLike | None = None, precision: str = "auto") -> ModelFiles:
-    """Find the graph files: a model directory, an encoder_classifier file, or the bundled model.
-
-    precision "auto" takes the manifest's recommended precision (fp32 without a manifest).
-    """
-    if precision != "auto" and precision not in PRECISIONS:
-        raise FlowaeError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
-    if model is None:
-        if not (DEFAULT_MODEL_DIR / graph_file(ROLE_ENCODER_CLASSIFIER)).is_file():
-            raise ModelLoadError(
-                f"no model is bundled with this install ({DEFAULT_MODEL_DIR} holds none); "
-                "pass --model MODEL_DIR written by flowae-export"
-            )
-        model = DEFAULT_MODEL_DIR
-    path = Path(model)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such model file or directory")
-    if path.is_file():  # one graph file: the decoder, if any, lies beside it
-        chosen = precision if precision != "auto" else _precision_of(path)
-        decoder = path.parent / graph_file(ROLE_DECODER, chosen)
-        return ModelFiles(path, decoder if decoder.is_file() else None, chosen)
-    if precision == "auto":
-        precision = str(_read_manifest(path).get(MANIFEST_RECOMMENDED, "fp32"))
-        if precision not in PRECISIONS:
-            raise ModelLoadError(
-                f"{path / MANIFEST_NAME}: recommended precision {precision!r} is not one of "
-                f"{PRECISIONS}"
-            )
-    encoder = path / graph_file(ROLE_ENCODER_CLASSIFIER, precision)
-    if not encoder.is_file():
-        raise ModelLoadError(f"{path}: no {encoder.name} in this model directory")
-    decoder = path / graph_file(ROLE_DECODER, precision)
-    if not decoder.is_file():  # e.g. int8 quantizes the classifier only
-        decoder = path / graph_file(ROLE_DECODER)
-    return ModelFiles(encoder, decoder if decoder.is_file() else None, precision)
-
-
-def _precision_of(path: Path) -> str:
-    for precision in PRECISIONS:
-        if any(path.name == graph_file(role, precision) for role in GRAPH_IO):
-            return precision
-    return "fp32"
-
-
-def available_providers() -> list[str]:
-    return list(ort.get_available_providers())
-
-
-def resolve_provider(provider: str) -> str:
-    """auto|cpu|cuda -> the onnxruntime provider name; a clear error when cuda is missing."""
-    if provider not in PROVIDERS:
-        raise FlowaeError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
-    available = available_providers()
-    if provider == "auto":
-        provider = "cuda" if _ORT_PROVIDERS["cuda"] in available else "cpu"
-    if _ORT_PROVIDERS[provider] not in available:
-        raise ModelLoadError(
-            f"provider {provider!r} is not available in this onnxruntime (it has "
-            f"{', '.join(available)}); install onnxruntime-gpu for cuda, or use --provider cpu"
-        )
-    return _ORT_PROVIDERS[provider]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    def to_dict(self) -> dict:
+        """The JSON object `flowae-infer --json` prints (and the HTTP server answers)."""
+        if not self.ok:
+            return {"image": self.name, "error": self.error}
+        return {"image": self.name, "top_k": [
+            {"label": p.label, "class_name": p.class_name, "probability": round(p.probability, 6)}
+            for p in self.top_k
+        ]}
 
 
 @dataclass(frozen=True)
@@ -181,28 +108,37 @@ class Graph:
     session: ort.InferenceSession
     metadata: ModelMetadata
 
+    @property
+    def provider(self) -> str:
+        """onnxruntime's name of the provider that serves this graph (the first it started)."""
+        return self.session.get_providers()[0]
+
     def run(self, inputs: np.ndarray) -> list[np.ndarray]:
         (input_name,), output_names = GRAPH_IO[self.metadata.role]
-        return self.session.run(list(output_names), {input_name: inputs})
+        try:
+            return self.session.run(list(output_names), {input_name: inputs})
+        except Exception as exc:  # onnxruntime's errors subclass Exception directly
+            lines = str(exc).strip().splitlines()
+            raise ModelLoadError(f"{self.path}: onnxruntime could not run this graph on a "
+                                 f"batch of {len(inputs)} "
+                                 f"({lines[0] if lines else type(exc).__name__})") from exc
 
 
-def load_graph(path: Path, role: str, provider: str, threads: int | None = None) -> Graph:
-    """Build a session for `path` and check it is a flowae graph of `role` in this contract."""
+def load_graph(path: Path, role: str, providers: str | Sequence[str] = "cpu",
+               threads: int | None = None, *,
+               provider_options: ProviderOptions | None = None) -> Graph:
+    """Build a session for `path` and check it is a flowae graph of `role` in this contract.
+
+    providers: a fallback list as flowae.runtime.session reads it ("cuda,cpu", full names,
+    "auto"). The metadata is validated against the dims the graph itself declares.
+    """
+    path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such ONNX file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file (0 bytes), not an ONNX model")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(str(path), options, providers=[provider])
-    except Exception as exc:  # onnxruntime's errors subclass Exception directly
-        raise ModelLoadError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from exc
-    if provider not in session.get_providers():
-        raise ModelLoadError(f"{path}: onnxruntime could not start {provider} for this model")
+    session = create_session(path, providers=providers, provider_options=provider_options,
+                             threads=threads)
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if text is None:
         raise ContractError(
@@ -210,73 +146,127 @@ def load_graph(path: Path, role: str, provider: str, threads: int | None = None)
         )
     try:
         metadata = ModelMetadata.from_json(text)
+        if metadata.role != role:
+            raise ContractError(f"is a {metadata.role} graph, expected {role}")
+        _check_io(session, metadata)
     except ContractError as exc:
         raise ContractError(f"{path}: {exc}") from exc
-    if metadata.role != role:
-        raise ContractError(f"{path}: is a {metadata.role} graph, expected {role}")
-    _check_io(path, session, metadata)
     return Graph(path, session, metadata)
 
 
-def _check_io(path: Path, session: ort.InferenceSession, metadata: ModelMetadata) -> None:
-    """Tensor names (and the static dims) must be what the contract and metadata say."""
+def _check_io(session: ort.InferenceSession, metadata: ModelMetadata) -> None:
+    """Tensor names must be the contract's; the metadata must fit the graph's declared dims."""
     inputs, outputs = GRAPH_IO[metadata.role]
-    found_in = tuple(node.name for node in session.get_inputs())
-    found_out = tuple(node.name for node in session.get_outputs())
-    if found_in != inputs or set(found_out) != set(outputs):
-        raise ContractError(
-            f"{path}: tensors {found_in} -> {found_out}, the contract says {inputs} -> {outputs}"
-        )
-    side = metadata.preprocess.image_size_px
-    is_encoder = metadata.role == ROLE_ENCODER_CLASSIFIER
-    expected = (3, side, side) if is_encoder else tuple(metadata.latent_shape)
-    dims = tuple(session.get_inputs()[0].shape[1:])  # the batch axis is dynamic
-    if len(dims) != len(expected) or any(
-        isinstance(d, int) and d != e for d, e in zip(dims, expected, strict=True)
-    ):
-        raise ContractError(f"{path}: input shape {dims}, metadata says {expected}")
+    found_in = {node.name: node.shape for node in session.get_inputs()}
+    found_out = {node.name: node.shape for node in session.get_outputs()}
+    if tuple(found_in) != inputs or set(found_out) != set(outputs):
+        raise ContractError(f"tensors {tuple(found_in)} -> {tuple(found_out)}, the contract "
+                            f"says {inputs} -> {outputs}")
+    shapes = {**found_out, **found_in}  # "latent" is the encoder's output, the decoder's input
+    if any(len(shape) < 1 for shape in shapes.values()):
+        raise ContractError("a tensor has no batch axis")
+    dims = {name: tuple(shape[1:]) for name, shape in shapes.items()}  # the batch axis is free
+    if metadata.role == ROLE_ENCODER_CLASSIFIER:
+        if len(dims[OUTPUT_LOGITS]) != 1:
+            raise ContractError(f"logits tensor is {shapes[OUTPUT_LOGITS]}, the contract says "
+                                "(batch, classes)")
+        validate(metadata, logits_dim=dims[OUTPUT_LOGITS][0],
+                 latent_shape=dims[OUTPUT_LATENT], image_shape=dims[INPUT_IMAGE])
+    else:
+        validate(metadata, latent_shape=dims[INPUT_LATENT],
+                 image_shape=dims[OUTPUT_RECONSTRUCTION])
+
+
+def _check_cap(name: str, value: int | None, maximum: int) -> None:
+    if value is not None and not 1 <= value <= maximum:
+        raise FlowaeError(f"{name} must be from 1 to {maximum}, got {value}")
 
 
 class Predictor:
-    """Top-k flower names and reconstructions from exported ONNX graphs, on CPU or CUDA.
+    """Top-k flower names and reconstructions from exported ONNX graphs, on any provider.
 
     model: a model directory (flowae-export's --out), an encoder_classifier .onnx file, or
-    None for the bundled model. provider: auto (CUDA when onnxruntime has it), cpu or cuda.
-    threads: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
-    batch_size: images per model call. jpeg_draft: decode JPEGs at reduced size (faster).
-    decode_workers: threads that decode and preprocess images (default: up to 4, one per core).
+    None for the bundled model. providers: a fallback list ("tensorrt,cuda,cpu", a sequence
+    of names, or "auto": every provider this onnxruntime offers, best first); `provider` is
+    the same argument under its older name. provider_options: {key: value} for the first
+    provider. threads: onnxruntime intra-op threads (None: one per core), 1..MAX_THREADS.
+    batch_size: images per model call, 1..MAX_BATCH_SIZE. precision: fp32, int8, fp16, or
+    auto (the manifest's choice for the provider that serves). jpeg_draft: decode JPEGs at
+    reduced size (faster). decode_workers: threads that decode images (default: up to 4).
+    max_pixels: most decoded pixels an input may have (runtime.images' budget).
     """
 
     def __init__(
         self,
         model: str | os.PathLike | None = None,
         *,
-        provider: str = "auto",
+        providers: str | Sequence[str] | None = None,
+        provider: str | Sequence[str] | None = None,
+        provider_options: Mapping[str, object] | None = None,
         threads: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         precision: str = "auto",
         jpeg_draft: bool = DEFAULT_JPEG_DRAFT,
         decode_workers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        if batch_size < 1:
-            raise FlowaeError(f"batch size must be >= 1, got {batch_size}")
-        if threads is not None and threads < 1:
-            raise FlowaeError(f"threads must be >= 1, got {threads}")
-        if decode_workers is not None and decode_workers < 1:
-            raise FlowaeError(f"decode workers must be >= 1, got {decode_workers}")
-        self.files = resolve_model(model, precision)
-        self.provider = resolve_provider(provider)
+        if providers is not None and provider is not None and providers != provider:
+            raise FlowaeError(f"give providers or provider, not both ({providers!r} and "
+                              f"{provider!r})")
+        _check_cap("batch size", batch_size, MAX_BATCH_SIZE)
+        _check_cap("threads", threads, MAX_THREADS)
+        _check_cap("decode workers", decode_workers, MAX_DECODE_WORKERS)
+        if max_pixels < 1:
+            raise FlowaeError(f"max pixels must be >= 1, got {max_pixels}")
+        self.providers_asked = parse_providers(providers or provider or DEFAULT_PROVIDERS)
+        if not self.providers_asked:
+            raise ModelLoadError("this onnxruntime build offers no provider flowae knows")
         self.threads = threads
         self.batch_size = batch_size
         self.jpeg_draft = jpeg_draft
+        self.max_pixels = max_pixels
         self.decode_workers = decode_workers or min(4, os.cpu_count() or 1)
-        self.encoder = load_graph(self.files.encoder_classifier, ROLE_ENCODER_CLASSIFIER,
-                                  self.provider, threads)
+        # Options belong to the first provider asked; onnxruntime gets them under its name.
+        self._provider_options = ({self.providers_asked[0]: dict(provider_options)}
+                                  if provider_options else None)
+        # The precision "auto" picks depends on the provider: expect the first one present
+        # to serve, and choose again if onnxruntime had to fall back past it.
+        offered = {short_name(name) for name in available_providers()}
+        expected = next((name for name in self.providers_asked if name in offered), None)
+        self.files = resolve_model(model, precision, provider=self.providers_asked)
+        self.encoder = self._load(self.files.encoder_classifier, ROLE_ENCODER_CLASSIFIER)
+        served = short_name(self.encoder.provider)
+        if precision == "auto" and served != expected:
+            files = resolve_model(model, precision, provider=served)
+            if files != self.files:
+                self.files = files
+                self.encoder = self._load(files.encoder_classifier, ROLE_ENCODER_CLASSIFIER)
+        self.provider = self.encoder.provider  # onnxruntime's name, e.g. CPUExecutionProvider
         self.metadata = self.encoder.metadata
         self.preprocess = self.metadata.preprocess
         self.class_names = self.metadata.class_names
         self._decoder: Graph | None = None
         self._decoder_lock = threading.Lock()
+
+    def _load(self, path: Path, role: str) -> Graph:
+        return load_graph(path, role, self.providers_asked, self.threads,
+                          provider_options=self._provider_options)
+
+    @property
+    def info(self) -> dict:
+        """What serves: model, variant, precision, provider (asked and actual), versions."""
+        return {
+            "model_dir": str(self.files.model_dir),
+            "variant": self.metadata.variant,
+            "precision": self.files.precision,
+            "provider": short_name(self.provider),
+            "providers_asked": list(self.providers_asked),
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+            "num_classes": len(self.class_names),
+            "onnxruntime": ort.__version__,
+            "flowae": __version__,
+        }
 
     @property
     def decoder(self) -> Graph:
@@ -287,12 +277,11 @@ class Predictor:
             if self._decoder is None:
                 if self.files.decoder is None:
                     raise ModelLoadError(
-                        f"{self.files.encoder_classifier.parent}: no "
+                        f"{self.files.model_dir}: no "
                         f"{graph_file(ROLE_DECODER, self.files.precision)} beside the "
                         "classifier, so this model cannot reconstruct"
                     )
-                decoder = load_graph(self.files.decoder, ROLE_DECODER, self.provider,
-                                     self.threads)
+                decoder = self._load(self.files.decoder, ROLE_DECODER)
                 mine, theirs = self.metadata, decoder.metadata
                 if (theirs.variant, theirs.preprocess, theirs.latent_shape) != (
                     mine.variant, mine.preprocess, mine.latent_shape
@@ -328,7 +317,8 @@ class Predictor:
 
     def load(self, source: ImageSource) -> np.ndarray:
         """One input -> uint8 (S, S, 3) crop, by the model's preprocessing rule."""
-        return load_pixels(source, self.preprocess, jpeg_draft=self.jpeg_draft)
+        return load_pixels(source, self.preprocess, jpeg_draft=self.jpeg_draft,
+                           max_pixels=self.max_pixels)
 
     def run(
         self,
@@ -428,93 +418,3 @@ def _settle(load: Callable[[ImageSource], np.ndarray], source: ImageSource
     except ImageError as exc:
         return exc
 
-
-
-
-# Command-line style inputs: files, directories and globs, each image or a one-line error.
-def _image_suffixes() -> set[str]:
-    return {suffix.lower() for suffix in Image.registered_extensions()}
-
-
-def expand_inputs(arguments: Iterable[str | os.PathLike]) -> list[Path | ImageResult]:
-    """Each argument as image paths (a directory: the images inside, sorted; a glob: its
-    matches, sorted), or an ImageResult error for an argument that names no image at all.
-    A path that does not exist is kept, so that reading it reports 'no such file'."""
-    suffixes = _image_suffixes()
-    items: list[Path | ImageResult] = []
-    for argument in arguments:
-        path = Path(argument)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file()
-                           and p.suffix.lower() in suffixes and not p.name.startswith("."))
-            items.extend(found or [ImageResult(os.fspath(argument),
-                                               error=f"{path}: directory holds no images")])
-        elif not path.exists() and glob.has_magic(os.fspath(argument)):
-            matches = sorted(glob.glob(os.fspath(argument), recursive=True))
-            found = [Path(m) for m in matches if not Path(m).is_dir()]
-            items.extend(found or [ImageResult(os.fspath(argument),
-                                               error=f"{argument}: no file matches")])
-        else:
-            items.append(path)
-    return items
-
-
-def run_inputs(
-    predictor: Predictor, items: Sequence[Path | ImageResult], *, top_k: int = 5,
-    reconstruct: bool = False, progress: ProgressFn | None = None,
-) -> Iterator[ImageResult]:
-    """Results for `expand_inputs`'s items, in order: argument errors pass straight through."""
-    total = len(items)
-    done_before = 0
-
-    def offset_progress(done: int, _: int) -> None:
-        if progress is not None:
-            progress(done_before + done, total)
-
-    start = 0
-    while start < total:
-        if isinstance(items[start], ImageResult):
-            yield items[start]
-            start += 1
-            done_before = start
-            continue
-        stop = start
-        while stop < total and not isinstance(items[stop], ImageResult):
-            stop += 1
-        yield from predictor.run(items[start:stop], top_k=top_k, reconstruct=reconstruct,
-                                 progress=offset_progress)
-        start = done_before = stop
-
-
-def side_by_side(result: ImageResult) -> Image.Image:
-    """The model's input crop beside its reconstruction, one RGB image (2S x S)."""
-    left, right = result.model_input, result.reconstruction
-    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
-    return canvas
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> Path:
-    """Write a PNG through a temp file in the same folder: a good file is never half-replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def reconstruction_path(out_dir: Path, source: ImageSource, taken: set[Path]) -> Path:
-    """OUT_DIR/<stem>.png, or <stem>-2.png, -3 ... when two inputs share a stem."""
-    stem = Path(source).stem if isinstance(source, str | os.PathLike) else "image"
-    path, n = out_dir / f"{stem}.png", 1
-    while path in taken:
-        n += 1
-        path = out_dir / f"{stem}-{n}.png"
-    taken.add(path)
-    return path

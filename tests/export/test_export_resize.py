@@ -1,25 +1,20 @@
-"""Test-time resize (`flowae-export --resize-px`, chosen on val with benchmarks.resize): the
-metadata carries it, the runtime follows it, and the exported res variant runs in fp32, int8
-and fp16 (global average pooling included)."""
+"""Test-time resize (`flowae-export --resize-px N|auto`): the metadata carries it, the runtime
+follows it, auto picks the best val top-1 of its sweep (recorded in the manifest), and the
+exported res variant runs in fp32, int8 and fp16 (global average pooling included)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
 from flowae.data import load_split, preprocess_for, to_float
 from flowae.export import ExportOptions, export_model
+from flowae.export.resize import RESIZE_CANDIDATES_PCT, candidate_sizes, choose
 from flowae.runtime.contract import ROLE_ENCODER_CLASSIFIER, graph_file
 from flowae.runtime.errors import DataError
 from flowae.runtime.predictor import Predictor, load_graph
 
-REPO = Path(__file__).resolve().parents[2]
 RESIZE = 120  # the fake JPEGs are larger than this on their shorter side
 
 
@@ -64,24 +59,44 @@ def test_resize_below_the_input_side_is_refused(tiny_runs, fake_root, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
-def test_resize_sweep_script_reports_val_top1_per_size(tiny_runs, fake_root, tmp_path):
-    out = tmp_path / "sweep.md"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.resize", str(tiny_runs["res16"]),
-                           "--data-root", str(fake_root), "--sizes", "100,120", "--out",
-                           str(out)], cwd=REPO, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    lines = out.read_text().splitlines()
-    assert lines[0].startswith("| resize shorter side to (px) | val top-1 %")
-    sizes = [int(line.split("|")[1].split()[0]) for line in lines[2:]]
-    assert sizes == [100, 120]
-    top1 = [float(line.split("|")[2]) for line in lines[2:]]
-    assert all(0 <= v <= 100 for v in top1)
-    assert done.stdout.strip().endswith(f"--resize-px {[100, 120][int(np.argmax(top1))]}")
-    bad = subprocess.run([sys.executable, "-m", "benchmarks.resize", str(tiny_runs["res16"]),
-                          "--data-root", str(fake_root), "--sizes", "big"], cwd=REPO,
-                         capture_output=True, text=True, check=False)
-    assert bad.returncode == 2 and "expected integers" in bad.stderr
-    assert "Traceback" not in bad.stderr
+def _top1(model, root, split: str, preprocess) -> float:
+    data = load_split(root, split, preprocess)
+    with torch.no_grad():
+        logits, _ = model(to_float(data.images, preprocess))
+    return 100.0 * (logits.argmax(dim=1) == data.labels).float().mean().item()
+
+
+def test_auto_resize_is_the_best_val_top1_of_its_sweep(tiny_runs, fake_root, tmp_path):
+    manifest = export_model(tiny_runs["res16"], tmp_path / "model",
+                            ExportOptions(data_root=fake_root, resize_px="auto",
+                                          latency_rounds=2))
+    resize = manifest["resize"]
+    sizes = [row["resize_px"] for row in resize["sweep"]]
+    assert sizes == list(candidate_sizes(100)) == [round(p) for p in RESIZE_CANDIDATES_PCT]
+    # Each figure is PyTorch's val top-1 at that size, recomputed here; test is never used.
+    model = model_from_checkpoint(load_checkpoint(tiny_runs["res16"])).eval()
+    for row in resize["sweep"]:
+        assert row["top1"] == pytest.approx(_top1(model, fake_root, "val",
+                                                  preprocess_for(model.config, row["resize_px"])))
+    best = max(row["top1"] for row in resize["sweep"])
+    assert resize["resize_px"] == min(row["resize_px"] for row in resize["sweep"]
+                                      if row["top1"] == best)
+    assert manifest["preprocess"]["resize_px"] == resize["resize_px"]
+    metadata = load_graph(tmp_path / "model" / graph_file(ROLE_ENCODER_CLASSIFIER),
+                          ROLE_ENCODER_CLASSIFIER, "CPUExecutionProvider", 1).metadata
+    assert metadata.preprocess.resize_px == resize["resize_px"]
+
+
+def test_choose_breaks_ties_to_the_smaller_size():
+    rows = [{"resize_px": 121, "top1": 50.0}, {"resize_px": 107, "top1": 50.0},
+            {"resize_px": 100, "top1": 40.0}]
+    assert choose(rows)["resize_px"] == 107
+    assert candidate_sizes(32) == (32, 34, 36, 39, 41)
+
+
+def test_a_fixed_resize_is_recorded_as_chosen_by_the_option(resized_export):
+    _, manifest = resized_export
+    assert manifest["resize"] == {"resize_px": RESIZE, "chosen_by": "--resize-px"}
 
 
 def test_test_figures_describe_the_exported_preprocessing(resized_export, tiny_runs, fake_root,

@@ -285,7 +285,7 @@ def test_evaluation_from_inputs_scaled_once_equals_per_batch_scaling():
     from flowae.data import TensorSplit
     from flowae.distributed import DistInfo
     from flowae.runtime.contract import Preprocess
-    from flowae.train import evaluate, float_inputs
+    from flowae.train import evaluate_model, float_inputs
 
     torch.manual_seed(0)
     split = TensorSplit(torch.randint(0, 256, (10, 3, 100, 100), dtype=torch.uint8),
@@ -293,9 +293,9 @@ def test_evaluation_from_inputs_scaled_once_equals_per_batch_scaling():
     preprocess, cpu = Preprocess(), torch.device("cpu")
     model = build_model(VARIANTS["upsample"]).to(memory_format=torch.channels_last)
     inputs = float_inputs(split, preprocess, cpu, torch.channels_last)
-    per_batch = evaluate(model, split, preprocess, 4, cpu, DistInfo(), channels_last=True)
-    assert evaluate(model, split, preprocess, 4, cpu, DistInfo(), channels_last=True,
-                    inputs=inputs) == per_batch
+    per_batch = evaluate_model(model, split, preprocess, 4, cpu, DistInfo(), channels_last=True)
+    assert evaluate_model(model, split, preprocess, 4, cpu, DistInfo(), channels_last=True,
+                          inputs=inputs) == per_batch
 
 
 @pytest.mark.parametrize("pooled", [True, False])

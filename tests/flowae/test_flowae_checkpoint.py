@@ -5,6 +5,7 @@ run are checked in test_flowae_train.py.)"""
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,14 +15,17 @@ from flowae.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
-    atomic_write_bytes,
+    CLASS_NAMES_KEY,
+    checkpoint_class_names,
+    checkpoint_payload,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from flowae.config import TrainConfig
 from flowae.models import VARIANTS, build_model
+from flowae.runtime.contract import CLASS_NAMES
 from flowae.runtime.errors import CheckpointError, FlowaeError
-from flowae.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -73,24 +77,43 @@ def test_model_from_checkpoint_rebuilds_the_model_in_eval_mode(tmp_path, payload
     assert_same_tensors(model.state_dict(), payload["model"])
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "file.bin"
-    atomic_write_bytes(path, lambda handle: handle.write(b"old contents"))
+class FailsWhilePickled:
+    """Stands for a write that fails halfway (a full disk): pickling it raises."""
 
-    def fail_halfway(handle):
-        handle.write(b"new, half-written")
+    def __reduce__(self):
         raise RuntimeError("disk full")
 
+
+def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, payload):
+    path = tmp_path / "run" / "deeper" / CHECKPOINT_NAME  # missing folders are created
+    save_checkpoint(path, payload)
+    before = path.read_bytes()
     with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write_bytes(path, fail_halfway)
-    assert path.read_bytes() == b"old contents"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+        save_checkpoint(path, {**payload, "history": {"ae": [FailsWhilePickled()]}})
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [CHECKPOINT_NAME]  # no temp file left
 
 
-def test_atomic_write_creates_missing_parent_folders(tmp_path):
-    path = tmp_path / "run" / "deeper" / CHECKPOINT_NAME
-    atomic_write_bytes(path, lambda handle: handle.write(b"x"))
-    assert path.read_bytes() == b"x"
+def test_payload_builder_carries_class_names_and_checks_their_count():
+    torch.manual_seed(0)
+    config = VARIANTS["res16"]
+    model = build_model(config)
+    built = checkpoint_payload(config, TrainConfig(), model, phase="ae", progress={"ae": 1})
+    assert built[CLASS_NAMES_KEY] == list(CLASS_NAMES)  # Flowers102's, by default
+    assert built["model_config"] == config.to_dict() and "optimizer" not in built
+    assert all(torch.equal(built["model"][k], v) for k, v in model.state_dict().items())
+    small = replace(config, num_classes=2)
+    described = {"class_names": ["cat", "dog"], "kind": "class-folders"}
+    two = checkpoint_payload(small, TrainConfig(), build_model(small), dataset=described)
+    assert two[CLASS_NAMES_KEY] == ["cat", "dog"] and two["dataset"] == described
+    assert checkpoint_class_names(two) == ("cat", "dog")
+    with pytest.raises(CheckpointError, match="3 class names for a model with 2 outputs"):
+        checkpoint_payload(small, TrainConfig(), model, class_names=("a", "b", "c"))
+    # A checkpoint from before class names were stored: a Flowers102 run, or refused.
+    older = {k: v for k, v in built.items() if k != CLASS_NAMES_KEY}
+    assert checkpoint_class_names(older) == CLASS_NAMES
+    with pytest.raises(CheckpointError, match="2 outputs and no class names"):
+        checkpoint_class_names({"model_config": small.to_dict()})
 
 
 class NotAllowedByWeightsOnly:

@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from flowae.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flowae.cli import main
+from flowae.config import RECIPES, TrainConfig
 from flowae.models import VARIANTS
-from flowae.train import METRICS_NAME, RECIPES, TrainConfig
+from flowae.train import METRICS_NAME
 
 TINY = {"trnid": 4, "valid": 2, "tstid": 2}
 FAST = ["--ae-epochs", "1", "--cls-epochs", "1", "--batch-size", "4", "--device", "cpu",
@@ -104,7 +105,7 @@ def test_paths_that_are_files_exit_2(tmp_path):
 def test_missing_dataset_is_one_line_naming_folder_and_both_fixes(tmp_path):
     data_root = tmp_path / "no-flowers-here"
     result = invoke("--data-root", data_root, "--out", tmp_path / "run", *FAST)
-    line = assert_one_line_error(result, 1)
+    line = assert_one_line_error(result, 2)  # bad data is bad input, as a bad option is
     assert str(data_root) in line and "--data-root" in line and "--download" in line
     assert not (tmp_path / "run").exists()
 
@@ -114,7 +115,7 @@ def test_corrupt_mat_file_is_one_line_naming_folder_and_both_fixes(make_fake_roo
     labels = data_root / "flowers-102" / "imagelabels.mat"
     labels.write_bytes(labels.read_bytes()[:100])
     result = invoke("--data-root", data_root, "--out", tmp_path / "run", *FAST)
-    line = assert_one_line_error(result, 1)
+    line = assert_one_line_error(result, 2)
     assert str(data_root) in line and "--data-root" in line and "--download" in line
 
 
@@ -154,3 +155,28 @@ def test_stop_resume_and_refusals_from_the_command_line(make_fake_root, tmp_path
     assert [len(metrics["history"][phase]) for phase in ("ae", "cls")] == [1, 1]
     assert f"top-1 {metrics['test']['top1']:.2f}%" in summary[0]
     assert load_checkpoint(run_dir / CHECKPOINT_NAME)["progress"] == {"ae": 1, "cls": 1, "dec": 0}
+
+
+def test_version_and_short_help():
+    from flowae import __version__
+
+    version = invoke("--version")
+    assert version.exit_code == 0
+    assert version.output.strip() == f"flowae-train {__version__}"
+    short, long = invoke("-h"), invoke("--help")
+    assert short.exit_code == 0 and short.output == long.output
+    assert "--version" in long.output and "-h, --help" in long.output
+
+
+def test_help_and_option_errors_answer_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom flowae.cli import main\n"
+            "assert CliRunner().invoke(main, ['--help']).exit_code == 0\n"
+            "assert CliRunner().invoke(main, ['-h']).exit_code == 0\n"
+            "assert CliRunner().invoke(main, ['--version']).exit_code == 0\n"
+            "assert CliRunner().invoke(main, ['--out', 'x', '--lr', 'fast']).exit_code == 2\n"
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,6 +1,7 @@
-"""Runs under torchrun: DistInfo for a plain run, and `flowae-train` under
+"""Runs under torchrun: DistInfo for a plain run; `flowae-train` under
 `torch.distributed.run --nproc_per_node=2` (gloo, CPU) on a fake dataset, compared with the same
-run in one process."""
+run in one process; BatchNorm statistics of the global batch; and checkpoints moving between a
+2-process and a 1-process run."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch
 
 from flowae import distributed
 from flowae.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
+from flowae.config import TrainConfig
 from flowae.distributed import DistInfo
-from flowae.models import get_variant
+from flowae.models import build_model, get_variant
 from flowae.plots import ACCURACY_PLOT, LOSS_PLOT, RECONSTRUCTION_PLOT
-from flowae.train import METRICS_NAME, TrainConfig, train
+from flowae.train import METRICS_NAME, train
 
 # `base` has no BatchNorm and no dropout, so with equal shards DDP's averaged gradient is the
 # full batch's gradient: 4 training images in global batches of 2 are two Adam steps per epoch
@@ -68,7 +70,7 @@ def torchrun(tmp_path_factory, ddp_root):
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, ddp_root):
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    return run_dir, train(get_variant("base"), CONFIG, ddp_root, run_dir, progress=False)
+    return run_dir, train(get_variant("base"), CONFIG, ddp_root, run_dir, progress=False).metrics
 
 
 @pytest.mark.slow
@@ -131,3 +133,104 @@ def test_two_processes_train_like_one(torchrun, single_process):
         l2, beyond = relative_difference(one_weights, two_weights, part)
         assert l2 <= 2e-3, (part, l2)
         assert beyond <= 0.05, (part, beyond)
+
+
+def _batchnorm_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One rank: its half of the batch through a synchronised BatchNorm2d (training mode)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        layer = distributed.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+        images = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1)) * 3 + 2
+        shard = images[rank::world_size].clone().requires_grad_(True)
+        out = layer(shard)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        torch.save({"out": out.detach(), "grad": shard.grad, "state": layer.state_dict(),
+                    "kind": type(layer[0]).__name__}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_batchnorm_under_ddp_normalises_with_the_global_batch(tmp_path):
+    """Two processes holding half a batch each get what one BatchNorm2d gives the whole batch:
+    outputs, input gradients and running statistics. Without synchronisation each half would
+    be normalised by its own mean and variance."""
+    torch.multiprocessing.spawn(_batchnorm_worker, args=(2, str(tmp_path / "init"),
+                                                         str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert {r["kind"] for r in ranks} == {"GlobalBatchNorm"}
+
+    images = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1)) * 3 + 2
+    reference = torch.nn.BatchNorm2d(3)
+    whole = images.clone().requires_grad_(True)
+    out = reference(whole)
+    weights = torch.zeros_like(out)
+    for rank in range(2):  # each rank's loss weights its own shard's elements 0, 1, 2, ...
+        shard_shape = out[rank::2].shape
+        weights[rank::2] = torch.arange(out[rank::2].numel()).view(shard_shape).float()
+    (out * weights).sum().backward()
+    for rank, result in enumerate(ranks):
+        torch.testing.assert_close(result["out"], out[rank::2].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["grad"], whole.grad[rank::2], rtol=1e-4, atol=1e-4)
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(result["state"][f"0.{key}"], value, rtol=1e-5, atol=1e-6)
+    plain = torch.nn.BatchNorm2d(3)(images[0::2])  # what an unsynchronised rank 0 computes
+    assert not torch.allclose(plain, ranks[0]["out"], atol=1e-3)
+
+
+def test_sync_batchnorm_keeps_parameters_and_state_dict_keys():
+    net = build_model(get_variant("res16"))
+    params = {id(p) for p in net.parameters()}
+    keys = set(net.state_dict())
+    distributed.sync_batchnorm(net)
+    assert {id(p) for p in net.parameters()} == params  # optimizers built before still apply
+    assert set(net.state_dict()) == keys  # a 2-process checkpoint loads into a plain model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert any(isinstance(m, distributed.GlobalBatchNorm) for m in net.modules())
+
+
+BN_ARGS = ["--variant", "res16", "--recipe", "seed", "--ae-epochs", "1", "--cls-epochs", "1",
+           "--batch-size", "4", "--seed", "0", "--device", "cpu", "--no-progress"]
+
+
+def torchrun_cli(data_root, run_dir, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "flowae.cli", "--data-root", str(data_root),
+               "--out", str(run_dir), *BN_ARGS, *extra]
+    # The timeout only guards against a deadlocked process group hanging the suite.
+    return subprocess.run(command, cwd=run_dir.parent, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_two_processes_and_one(ddp_root, tmp_path):
+    """A BatchNorm variant stopped under torchrun finishes in one process, and the reverse."""
+    from click.testing import CliRunner
+
+    from flowae.cli import main
+
+    def one_process(run_dir, *extra):
+        return CliRunner().invoke(main, ["--data-root", str(ddp_root), "--out", str(run_dir),
+                                         *BN_ARGS, *extra])
+
+    two_then_one = tmp_path / "two_then_one"
+    first = torchrun_cli(ddp_root, two_then_one, "--stop-after-epochs", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load_checkpoint(two_then_one)["progress"] == {"ae": 1, "cls": 0, "dec": 0}
+    finished = one_process(two_then_one, "--resume")
+    assert finished.exit_code == 0, finished.output
+
+    one_then_two = tmp_path / "one_then_two"
+    assert one_process(one_then_two, "--stop-after-epochs", "1").exit_code == 0
+    second = torchrun_cli(ddp_root, one_then_two, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    for run_dir, world_size in ((two_then_one, 1), (one_then_two, 2)):
+        metrics = json.loads((run_dir / METRICS_NAME).read_text())
+        assert metrics["world_size"] == world_size  # the call that finished the run
+        assert [len(metrics["history"][p]) for p in ("ae", "cls")] == [1, 1]
+        checkpoint = load_checkpoint(run_dir)
+        assert checkpoint["progress"] == {"ae": 1, "cls": 1, "dec": 0}
+        model = model_from_checkpoint(checkpoint)  # plain BatchNorm again, same keys
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

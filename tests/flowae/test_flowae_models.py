@@ -1,6 +1,7 @@
-"""The model registry against ../shared/SEED.md: every layer in execution order with its output
-shape, parameter counts derived from the SEED.md tables by formula, and the differentiable
-2x nearest upsample that replaces the seed's NumPy one."""
+"""The model registry against the seed specification, whose layer tables are transcribed below:
+every layer in execution order with its output shape, parameter counts derived from those
+tables by formula, and the differentiable 2x nearest upsample that replaces the seed's NumPy
+one."""
 
 from __future__ import annotations
 
@@ -12,14 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowae.models import VARIANTS, FlowAE, ModelConfig, build_model, count_parameters, get_variant
+from flowae.models import (
+    VARIANTS,
+    FlowAE,
+    ModelConfig,
+    SeedConfig,
+    build_model,
+    count_parameters,
+    get_variant,
+)
 from flowae.runtime.errors import FlowaeError
 
 SEED_VARIANTS = ("base", "bn", "bn-dropout", "upsample")
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-# SEED.md's tables, transcribed: Conv2d(in_ch, out_ch, kernel, stride, padding).
+# The seed specification's tables, transcribed: Conv2d(in_ch, out_ch, kernel, stride, padding).
 ENCODER_CONVS = ((3, 6, 5, 1, 0), (6, 16, 5, 1, 0))
 BASE_DECODER_CONVS = (
     (16, 16, 13, 1, 12), (16, 16, 13, 1, 12), (16, 6, 13, 1, 12),
@@ -31,7 +40,7 @@ CLASSIFIER_CONVS = ((16, 32, 3, 1, 0), (32, 64, 3, 1, 0))
 
 @dataclass
 class Expected:
-    """Builds the layer list a SEED.md table describes: (layer, output shape without batch),
+    """Builds the layer list a seed table describes: (layer, output shape without batch),
     tracking the shape by the convolution/pooling formulas and the parameter count by
     in*out*k*k + out (Conv2d), in*out + out (Linear), 2*C (affine BatchNorm)."""
 
@@ -45,7 +54,7 @@ class Expected:
     def conv(self, spec: tuple[int, int, int, int, int], batchnorm: bool, act: str) -> None:
         in_ch, out_ch, kernel, stride, padding = spec
         channels, side, _ = self.shape
-        assert channels == in_ch, "SEED.md table does not chain"
+        assert channels == in_ch, "seed table does not chain"
         side = (side + 2 * padding - kernel) // stride + 1
         self.shape = (out_ch, side, side)
         self.add(f"Conv2d({in_ch}, {out_ch}, {kernel}, {stride}, {padding})")
@@ -70,7 +79,7 @@ class Expected:
         self.add("Flatten")
 
     def linear(self, in_features: int, out_features: int) -> None:
-        assert self.shape == (in_features,), "SEED.md table does not chain"
+        assert self.shape == (in_features,), "seed table does not chain"
         self.shape = (out_features,)
         self.add(f"Linear({in_features}, {out_features})")
         self.parameters += in_features * out_features + out_features
@@ -119,7 +128,7 @@ def expected_classifier(batchnorm: bool, dropout: bool) -> Expected:
     return stack
 
 
-# What each SEED.md variant is, restated from its experiments table.
+# What each seed variant is, restated from its experiments table.
 SEED_SPEC = {
     "base": {"decoder": "base", "batchnorm": False, "dropout": False},
     "bn": {"decoder": "base", "batchnorm": True, "dropout": False},
@@ -129,7 +138,7 @@ SEED_SPEC = {
 
 
 def describe(module: nn.Module) -> str:
-    """One leaf module in the notation of SEED.md (and `Expected`)."""
+    """One leaf module in the notation of the seed tables (and `Expected`)."""
     if isinstance(module, nn.Conv2d):
         square = {module.kernel_size[0] == module.kernel_size[1], module.stride[0] ==
                   module.stride[1], module.padding[0] == module.padding[1]}
@@ -190,7 +199,7 @@ def images() -> torch.Tensor:
 
 
 def test_registry_names_the_four_seed_variants():
-    # The seed's four come first; the others (issue 6) are the "res" family.
+    # The seed's four come first; the others are the "res" family.
     assert list(VARIANTS)[:4] == list(SEED_VARIANTS)
     assert {VARIANTS[name].arch for name in list(VARIANTS)[4:]} == {"res"}
     for name in SEED_VARIANTS:
@@ -223,7 +232,7 @@ def test_layers_and_shapes_match_seed(models, images, name):
     assert decoder_layers == expected_decoder(spec["decoder"], spec["batchnorm"]).layers
     assert classifier_layers == expected_classifier(spec["batchnorm"], spec["dropout"]).layers
 
-    # The sizes SEED.md prints, read off the real model rather than the formulas above.
+    # The sizes the seed specification prints, read off the real model, not the formulas above.
     pools = [shape for layer, shape in encoder_layers if layer.startswith("MaxPool")]
     assert pools == [(6, 48, 48), (16, 22, 22)]
     decoder_sides = [shape[1] for layer, shape in decoder_layers
@@ -342,6 +351,17 @@ def test_model_config_round_trips_and_rebuilds_identically():
 
 def test_bad_model_configs_are_refused():
     with pytest.raises(FlowaeError, match="100 px inputs, got 128"):
-        FlowAE(ModelConfig("base", image_size_px=128))
+        FlowAE(SeedConfig(name="base", image_size_px=128))
     with pytest.raises(FlowaeError, match="unknown decoder 'pixelshuffle'"):
-        FlowAE(ModelConfig("base", decoder="pixelshuffle"))
+        FlowAE(SeedConfig(name="base", decoder="pixelshuffle"))
+    with pytest.raises(FlowaeError, match="unknown arch"):
+        FlowAE(ModelConfig(name="abstract"))
+
+
+def test_a_variant_resized_for_a_dataset_keeps_its_layers():
+    config = get_variant("bn-dropout", num_classes=7)
+    assert config == SeedConfig(name="bn-dropout", batchnorm=True, dropout=True, num_classes=7)
+    assert get_variant("bn-dropout") == VARIANTS["bn-dropout"]  # the registry is untouched
+    assert build_model(config).classifier[-1].out_features == 7
+    with pytest.raises(FlowaeError, match="variant 'base'.*widths"):
+        get_variant("base", widths=(8, 8, 8))  # a seed config has no widths to set

@@ -1,4 +1,4 @@
-"""Beyond the seed (issue 6): the "res" variants, the modern recipe's pieces (one-cycle
+"""Beyond the seed: the "res" variants, the modern recipe's pieces (one-cycle
 schedule, batched augmentation, train+val autoencoder images, the decoder refit phase) and
 `--recipe` on the command line, on the fake dataset."""
 
@@ -13,18 +13,10 @@ from click.testing import CliRunner
 
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
 from flowae.cli import main
+from flowae.config import RECIPES, TrainConfig, default_recipe
 from flowae.models import VARIANTS, ModelConfig, build_model, get_variant
 from flowae.runtime.errors import CheckpointError, FlowaeError
-from flowae.train import (
-    RECIPES,
-    WARMUP_FRACTION,
-    TrainConfig,
-    augment_batch,
-    cutmix,
-    default_recipe,
-    learning_rate,
-    train,
-)
+from flowae.train import WARMUP_FRACTION, augment_batch, cutmix, learning_rate, train
 
 SIZES = {"trnid": 12, "valid": 4, "tstid": 6}
 # The modern recipe's switches, shrunk to the fake data: 12 train + 4 val images in batches of 6.
@@ -62,12 +54,29 @@ def test_res_configs_round_trip_through_json_and_reject_bad_shapes():
     config = get_variant("res32")
     as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
     assert ModelConfig.from_dict(as_json) == config
-    old = {k: v for k, v in VARIANTS["upsample"].to_dict().items() if k not in ("arch", "widths")}
-    assert ModelConfig.from_dict(old) == VARIANTS["upsample"]  # checkpoints from before issue 6
+    # The oldest checkpoints name no arch; later ones carry every field of one shared config.
+    oldest = {k: v for k, v in VARIANTS["upsample"].to_dict().items() if k != "arch"}
+    assert ModelConfig.from_dict(oldest) == VARIANTS["upsample"]
+    assert ModelConfig.from_dict({**VARIANTS["upsample"].to_dict(), "widths": []}) == VARIANTS[
+        "upsample"]
+    shared = {**config.to_dict(), "decoder": "light", "batchnorm": True, "widths": [32, 48, 96]}
+    assert ModelConfig.from_dict(shared) == config
+    with pytest.raises(CheckpointError, match=r"\['decoder'\] are unknown to the 'res'"):
+        ModelConfig.from_dict({**shared, "decoder": "base"})  # a field res never read
     with pytest.raises(FlowaeError, match="three widths"):
         build_model(replace(config, widths=(8, 16)))
-    with pytest.raises(FlowaeError, match="unknown arch"):
-        build_model(replace(config, arch="vit"))
+    with pytest.raises(CheckpointError, match="unknown model arch 'vit'"):
+        ModelConfig.from_dict({**config.to_dict(), "arch": "vit"})
+
+
+def test_each_architecture_config_holds_only_the_fields_its_builder_reads():
+    seed_fields = set(VARIANTS["upsample"].to_dict())
+    res_fields = set(VARIANTS["res32"].to_dict())
+    common = {"arch", "name", "image_size_px", "num_classes"}
+    assert seed_fields == common | {"decoder", "batchnorm", "dropout"}
+    assert res_fields == common | {"widths", "dropout"}
+    with pytest.raises(TypeError):
+        replace(VARIANTS["res32"], decoder="upsample")  # res has no decoder choice to ignore
 
 
 def test_one_cycle_warms_up_then_decays_to_zero_and_constant_stays_put():
@@ -112,16 +121,16 @@ def modern_runs(tmp_path_factory, root):
     """The shrunk modern recipe run whole, and the same run stopped after phase 2 and resumed."""
     whole = tmp_path_factory.mktemp("whole")
     split = tmp_path_factory.mktemp("split")
-    metrics = run(root, whole)
+    metrics = run(root, whole).metrics
     stopped = run(root, split, stop_after_epochs=3)  # phase 1 (1 epoch) and phase 2 (2 epochs)
     after_cls = load_checkpoint(split)
-    resumed = run(root, split, resume=True)
+    resumed = run(root, split, resume=True).metrics
     return metrics, load_checkpoint(whole), stopped, after_cls, resumed, load_checkpoint(split)
 
 
 def test_modern_recipe_resumes_exactly_across_the_refit_phase(modern_runs):
     metrics, whole, stopped, after_cls, resumed, split = modern_runs
-    assert stopped["progress"] == {"ae": 1, "cls": 2, "dec": 0}
+    assert stopped.stopped and stopped.progress == {"ae": 1, "cls": 2, "dec": 0}
     assert split["progress"] == whole["progress"] == {"ae": 1, "cls": 2, "dec": 2}
     differing = [k for k in whole["model"] if not torch.equal(whole["model"][k], split["model"][k])]
     assert differing == []

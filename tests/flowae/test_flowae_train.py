@@ -1,6 +1,6 @@
-"""The two-phase training loop on the fake dataset: checkpoints every epoch, --resume ending
-exactly where an uninterrupted run ends, refusals, metrics.json, the plots, and the optional
-augmentation."""
+"""The training loop (phases 1 and 2; phase 3 is in test_flowae_recipes.py) on the fake
+dataset: checkpoints every epoch, --resume ending exactly where an uninterrupted run ends,
+refusals, metrics.json, the plots, and the optional augmentation."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from flowae.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
+from flowae.config import TrainConfig
 from flowae.data import load_split, to_float
 from flowae.distributed import DistInfo
 from flowae.models import VARIANTS, build_model, count_parameters, get_variant
 from flowae.plots import ACCURACY_PLOT, LOSS_PLOT, RECONSTRUCTION_PLOT, save_plots
 from flowae.runtime.contract import Preprocess
 from flowae.runtime.errors import CheckpointError, FlowaeError
-from flowae.train import METRICS_NAME, Batches, TrainConfig, resolve_device, train
+from flowae.train import METRICS_NAME, Batches, TrainResult, resolve_device, train
 
 # `upsample` has BatchNorm (running statistics) and all three dropouts (RNG draws): the state a
 # resumed run must restore. 12 fake training images in batches of 6: two Adam steps per epoch.
@@ -36,7 +37,7 @@ PLOTS = (LOSS_PLOT, ACCURACY_PLOT, RECONSTRUCTION_PLOT)
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def run(data_root: Path, run_dir: Path, **kwargs) -> dict:
+def run(data_root: Path, run_dir: Path, **kwargs) -> TrainResult:
     options = {**OPTIONS, **kwargs.pop("options", {})}
     return train(get_variant(kwargs.pop("variant", VARIANT)), TrainConfig(**options), data_root,
                  run_dir, progress=False, **kwargs)
@@ -59,13 +60,13 @@ def train_root(make_fake_root) -> Path:
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory, train_root) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("whole_run")
-    return run_dir, run(train_root, run_dir)
+    return run_dir, run(train_root, run_dir).metrics
 
 
 @dataclass
 class SplitRun:
     run_dir: Path
-    stops: list[dict]  # what each stopped call returned
+    stops: list[TrainResult]  # what each stopped call returned
     saved_progress: list[dict]  # the checkpoint's progress after each stopped call
     metrics_after_stops: list[bool]  # whether metrics.json existed after each stopped call
     metrics: dict  # what the final, resumed call returned
@@ -81,16 +82,18 @@ def split_run(tmp_path_factory, train_root) -> SplitRun:
         stops.append(run(train_root, run_dir, resume=resume, stop_after_epochs=stop))
         saved.append(load_checkpoint(run_dir)["progress"])
         metrics_seen.append((run_dir / METRICS_NAME).exists())
-    return SplitRun(run_dir, stops, saved, metrics_seen, run(train_root, run_dir, resume=True))
+    return SplitRun(run_dir, stops, saved, metrics_seen,
+                    run(train_root, run_dir, resume=True).metrics)
 
 
 def test_stopped_calls_leave_a_checkpoint_and_no_results(split_run):
-    assert [stop["stopped"] for stop in split_run.stops] == [True, True]
-    assert [stop["progress"] for stop in split_run.stops] == [
+    assert [stop.stopped for stop in split_run.stops] == [True, True]
+    assert [stop.progress for stop in split_run.stops] == [
         {"ae": 1, "cls": 0, "dec": 0}, {"ae": 2, "cls": 1, "dec": 0}]
-    assert split_run.saved_progress == [stop["progress"] for stop in split_run.stops]
+    assert split_run.saved_progress == [stop.progress for stop in split_run.stops]
     assert split_run.metrics_after_stops == [False, False]
-    assert [len(split_run.stops[1]["history"][phase]) for phase in ("ae", "cls")] == [2, 1]
+    assert all(stop.metrics == {} and stop.test is None for stop in split_run.stops)
+    assert [len(split_run.stops[1].history[phase]) for phase in ("ae", "cls")] == [2, 1]
 
 
 def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(whole_run, split_run):
@@ -320,7 +323,7 @@ def test_augment_option_reaches_training(make_fake_root, tmp_path):
         run_dir = tmp_path / f"augment-{augment}"
         result = run(root, run_dir, stop_after_epochs=1,
                      options={"batch_size": 4, "augment": augment})
-        assert result["progress"] == {"ae": 1, "cls": 0, "dec": 0}
+        assert result.progress == {"ae": 1, "cls": 0, "dec": 0}
         saved = load_checkpoint(run_dir)
         assert saved["train_config"]["augment"] is augment
         weights[augment] = saved["model"]

@@ -3,14 +3,14 @@ tests also check that what export writes is what the runtime reads), served by a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from flowae.runtime.contract import (
-    METADATA_KEY,
-)
+from flowae.runtime.contract import MANIFEST_FILES, MANIFEST_NAME, METADATA_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +35,37 @@ def read_metadata(path: Path) -> dict:
 
     model = onnx.load(str(path), load_external_data=False)
     return json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
+
+
+def sign_manifest(model_dir: Path, **fields) -> Path:
+    """Make `model_dir`'s manifest list every graph file there with its current size and sha256
+    (and set `fields`), as an export that wrote these very files would: tests that change a
+    graph on purpose use it so that the check under test, not the hash check, meets the change."""
+    path = model_dir / MANIFEST_NAME
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    files = {}
+    for graph in sorted(model_dir.iterdir()):
+        if graph.suffix in (".onnx", ".ort"):
+            data = graph.read_bytes()
+            entry = dict(manifest.get(MANIFEST_FILES, {}).get(graph.name, {}))
+            entry.update(size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            files[graph.name] = entry
+    manifest.update(fields)
+    manifest[MANIFEST_FILES] = files
+    path.write_text(json.dumps(manifest, indent=2))
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def signer():
+    """sign_manifest, for tests that change a graph on purpose (see its docstring)."""
+    return sign_manifest
+
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path):
+    """A fresh copy of the exported model directory, manifest included, for one test to alter."""
+    return Path(shutil.copytree(model_dir, tmp_path / "model_copy"))
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,10 @@ import json
 import pytest
 
 from flowae.runtime.contract import MANIFEST_NAME, MANIFEST_RECOMMENDED, ROLE_ENCODER_CLASSIFIER
-from flowae.runtime.evaluate import flowers102_split, score
-from flowae.runtime.predictor import DEFAULT_MODEL_DIR, Predictor, load_graph
+from flowae.runtime.datasets import flowers102_split
+from flowae.runtime.evaluate import score
+from flowae.runtime.modeldir import DEFAULT_MODEL_DIR
+from flowae.runtime.predictor import Predictor, load_graph
 
 
 @pytest.fixture(scope="module")

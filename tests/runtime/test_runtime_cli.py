@@ -3,14 +3,20 @@ progress, and --evaluate."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from flowae.runtime.cli import main
+from flowae.runtime.cli import main, save_reconstruction
 from flowae.runtime.contract import CLASS_NAMES, ROLE_ENCODER_CLASSIFIER, graph_file
 
 
@@ -44,7 +50,8 @@ def test_json_lines(invoke, real_jpegs, predictor):
     records = [json.loads(line) for line in lines(result.stdout)]
     assert [r["image"] for r in records] == [str(p) for p in real_jpegs[:3]]
     for record, path in zip(records, real_jpegs[:3], strict=True):
-        assert set(record) == {"image", "top_k"}
+        assert set(record) == {"image", "top_k", "provider"}
+        assert record["provider"] == "cpu"
         assert len(record["top_k"]) == 3
         for entry, expected in zip(record["top_k"], predictor.predict(path, top_k=3)[0],
                                    strict=True):
@@ -60,8 +67,8 @@ def test_a_failed_image_gives_exit_1_and_the_rest_still_run(invoke, real_jpegs, 
     result = invoke("--json", real_jpegs[0], tmp_path / "missing.jpg", text, real_jpegs[1])
     assert result.exit_code == 1
     records = [json.loads(line) for line in lines(result.stdout)]
-    assert [set(r) for r in records] == [{"image", "top_k"}, {"image", "error"},
-                                         {"image", "error"}, {"image", "top_k"}]
+    assert [set(r) for r in records] == [{"image", "top_k", "provider"}, {"image", "error"},
+                                         {"image", "error"}, {"image", "top_k", "provider"}]
     assert records[1] == {"image": str(tmp_path / "missing.jpg"),
                           "error": f"{tmp_path / 'missing.jpg'}: no such file"}
     assert records[2]["error"] == f"{text}: not an image Pillow can read"
@@ -98,10 +105,11 @@ def test_reconstruct_writes_input_beside_output(invoke, real_jpegs, tmp_path, pr
     assert result.exit_code == 0
     records = [json.loads(line) for line in lines(result.stdout)]
     stem = real_jpegs[0].stem
-    assert [r["reconstruction"] for r in records] == [str(out_dir / f"{stem}.png"),
-                                                      str(out_dir / f"{stem}-2.png")]
-    assert sorted(p.name for p in out_dir.iterdir()) == [f"{stem}-2.png", f"{stem}.png"]
-    pair = Image.open(out_dir / f"{stem}.png")
+    assert [r["reconstruction"] for r in records] == [str(out_dir / f"{stem}.recon.png"),
+                                                      str(out_dir / f"{stem}.recon-2.png")]
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{stem}.recon-2.png",
+                                                         f"{stem}.recon.png"]
+    pair = Image.open(out_dir / f"{stem}.recon.png")
     assert pair.size == (200, 100) and pair.mode == "RGB"
     assert pair.crop((100, 0, 200, 100)).tobytes() == predictor.reconstruct(
         real_jpegs[0])[0].tobytes()
@@ -123,6 +131,14 @@ def test_progress_line_on_stderr(invoke, real_jpegs):
     (["--provider", "tpu", "x.jpg"], "Invalid value for '--provider'"),
     (["--batch-size", "0", "x.jpg"], "Invalid value for '--batch-size'"),
     (["--threads", "0", "x.jpg"], "Invalid value for '--threads'"),
+    (["--threads", "257", "x.jpg"], "'--threads': 257 is not in the range 1<=x<=256"),
+    (["--batch-size", "4097", "x.jpg"], "'--batch-size': 4097 is not in the range 1<=x<=4096"),
+    (["--provider", "cuda,,cpu", "x.jpg"], "has an empty name"),
+    (["--provider", "auto,cpu", "x.jpg"], "provider 'auto' stands alone"),
+    (["--provider-option", "device_id", "x.jpg"], "expected KEY=VALUE, got 'device_id'"),
+    (["--max-pixels", "0", "x.jpg"], "Invalid value for '--max-pixels'"),
+    (["--evaluate", "root", "--max-pixels", "9"], "--evaluate takes no --max-pixels"),
+    (["--no-such-option", "x.jpg"], "No such option '--no-such-option'"),
     (["--fullres", "somewhere", "x.jpg"], "--fullres needs --evaluate"),
     (["--evaluate", "root", "x.jpg"], "--evaluate takes no IMAGE"),
     (["--evaluate", "root", "--jpeg-draft"], "--evaluate takes no --jpeg-draft"),
@@ -133,8 +149,9 @@ def test_usage_errors_exit_2(invoke, args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written; relative paths land here
     result = invoke(*args)
     assert result.exit_code == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.output
+    (line,) = lines(result.stderr)  # one line, not click's usage block
+    assert line.startswith("flowae-infer: error: ") and message in line
+    assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
 
 
@@ -155,8 +172,9 @@ def test_unusable_models_exit_2_with_one_line(invoke, model_dir, tmp_path, real_
     for args, message in cases:
         result = invoke(*args, real_jpegs[0], model=False)
         assert result.exit_code == 2
-        (line,) = lines(result.stderr)
+        *warnings, line = lines(result.stderr)
         assert line.startswith("flowae-infer: error: ") and message in line
+        assert all(w.startswith("flowae-infer: warning: ") for w in warnings)
         assert result.stdout == ""
 
 
@@ -202,5 +220,171 @@ def test_jpeg_draft_switch(invoke, fullres_root, model_dir):
 def test_evaluate_on_a_folder_that_is_not_flowers102(invoke, tmp_path):
     result = invoke("--evaluate", tmp_path)
     assert result.exit_code == 2
-    assert lines(result.stderr) == [f"flowae-infer: error: {tmp_path}: not a Flowers102 folder "
-                                    "(no flowers-102/jpg)"]
+    (line,) = lines(result.stderr)
+    assert line.startswith(f"flowae-infer: error: {tmp_path}: ")
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def umask_022():
+    saved = os.umask(0o022)
+    yield
+    os.umask(saved)
+
+
+def test_reconstruct_into_the_input_folder_writes_beside_it(invoke, real_jpegs, tmp_path,
+                                                           umask_022):
+    flower = tmp_path / "flower.png"
+    Image.open(real_jpegs[0]).save(flower)
+    before = digest(flower)
+    result = invoke("--json", "--reconstruct", tmp_path, flower)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["reconstruction"] == str(tmp_path / "flower.recon.png")
+    assert digest(flower) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flower.png", "flower.recon.png"]
+    assert (tmp_path / "flower.recon.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_reconstructions_never_replace_an_input_or_an_earlier_file(invoke, real_jpegs, tmp_path,
+                                                                   predictor):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(real_jpegs[0], folder / "a.jpg")
+    Image.open(real_jpegs[1]).save(folder / "a.png")  # same stem, another photo
+    pristine = tmp_path / "pristine.png"
+    shutil.copy(folder / "a.png", pristine)
+    (folder / "b.recon.png").write_text("a user's own file")
+    shutil.copy(real_jpegs[2], folder / "b.jpg")
+    first = invoke("--json", "--reconstruct", folder, folder)
+    assert first.exit_code == 1, first.output  # b.recon.png, a text file, is not an image
+    records = {Path(r["image"]).name: r for r in map(json.loads, lines(first.stdout))}
+    assert set(records) == {"a.jpg", "a.png", "b.jpg", "b.recon.png"}
+    assert "error" in records["b.recon.png"]  # the user's text file, read as an input
+    assert records["a.jpg"]["reconstruction"] == str(folder / "a.recon.png")
+    assert records["a.png"]["reconstruction"] == str(folder / "a.recon-2.png")
+    assert records["b.jpg"]["reconstruction"] == str(folder / "b.recon-2.png")
+    assert (folder / "b.recon.png").read_text() == "a user's own file"
+    assert digest(folder / "a.png") == digest(pristine)
+    expected = predictor.predict(pristine, top_k=5)[0]  # a.png classified as itself
+    assert [e["label"] for e in records["a.png"]["top_k"]] == [p.label for p in expected]
+    written = {name: digest(folder / name) for name in ("a.recon.png", "a.recon-2.png",
+                                                        "b.recon-2.png")}
+    second = invoke("--json", "--reconstruct", folder, folder / "a.jpg", folder / "a.png")
+    assert second.exit_code == 0, second.output
+    assert [json.loads(line)["reconstruction"] for line in lines(second.stdout)] == [
+        str(folder / "a.recon-3.png"), str(folder / "a.recon-4.png")]
+    assert {name: digest(folder / name) for name in written} == written
+    assert digest(folder / "a.recon-3.png") == written["a.recon.png"]  # same input, same PNG
+
+
+def test_a_directory_in_the_way_fails_that_item_only(invoke, real_jpegs, tmp_path):
+    out_dir = tmp_path / "out"
+    (out_dir / f"{real_jpegs[0].stem}.recon.png").mkdir(parents=True)
+    result = invoke("--reconstruct", out_dir, real_jpegs[0], real_jpegs[1])
+    assert result.exit_code == 1
+    blocked = out_dir / f"{real_jpegs[0].stem}.recon.png"
+    assert lines(result.stderr) == [
+        f"flowae-infer: {blocked}: a directory has this name; reconstruction not written",
+        "flowae-infer: 1 of 2 images failed"]
+    assert (out_dir / f"{real_jpegs[1].stem}.recon.png").is_file()  # the run went on
+    assert blocked.is_dir() and list(blocked.iterdir()) == []
+
+
+def test_a_name_equal_to_an_input_is_never_chosen(tmp_path):
+    image = Image.new("RGB", (4, 2), (200, 10, 10))
+    planned = tmp_path / "x.recon.png"  # an input of the run that does not exist (yet)
+    saved = save_reconstruction(image, tmp_path, tmp_path / "x.jpg", {os.path.realpath(planned)})
+    assert saved == tmp_path / "x.recon-2.png" and not planned.exists()
+    assert Image.open(saved).tobytes() == image.tobytes()
+
+
+def test_version_and_help(invoke):
+    version = invoke("--version", model=False)
+    assert version.exit_code == 0
+    assert version.stdout == f"flowae-infer {importlib.metadata.version('flowae')}\n"
+    for flag in ("-h", "--help"):
+        shown = invoke(flag, model=False)
+        assert shown.exit_code == 0 and shown.stdout.startswith("Usage: ")
+        assert "--provider-option KEY=VALUE" in shown.stdout and "at most 256" in shown.stdout
+
+
+def test_verbose_says_what_served_and_json_names_the_provider(invoke, real_jpegs, model_dir):
+    result = invoke("--verbose", "--json", "--provider", "tensorrt,cuda,cpu", real_jpegs[0])
+    assert result.exit_code == 0, result.output
+    *info, line = lines(result.stderr)
+    assert all(i.startswith("flowae-infer: info: ") for i in info)
+    served = json.loads(result.stdout)["provider"]
+    assert served in ("cuda", "cpu")
+    assert line.startswith(f"flowae-infer: model {model_dir} (upsample, fp32) served by "
+                           f"{served} (asked tensorrt,cuda,cpu), threads ")
+    assert f"flowae {importlib.metadata.version('flowae')}" in line
+    quiet = invoke("--json", real_jpegs[0], "--provider-option", "arena_extend_strategy=1")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_a_library_warning_reaches_the_user_as_one_line(invoke, model_dir, tmp_path, real_jpegs):
+    alone = tmp_path / graph_file(ROLE_ENCODER_CLASSIFIER)
+    shutil.copy(model_dir / graph_file(ROLE_ENCODER_CLASSIFIER), alone)  # no manifest beside
+    result = invoke("--json", real_jpegs[0], "--model", alone, model=False)
+    assert result.exit_code == 0
+    (line,) = lines(result.stderr)
+    assert line.startswith(f"flowae-infer: warning: {tmp_path}: no manifest.json")
+
+
+def test_a_closed_pipe_ends_quietly(model_dir, real_jpegs, tmp_path):
+    """`flowae-infer ... | head -1`: the reader leaves early; no traceback, no BrokenPipeError.
+    40 images of 102 classes print ~300 KB, far beyond a pipe's buffer, so writes must fail."""
+    args = [sys.executable, "-m", "flowae.runtime.cli", "--model", str(model_dir), "--json",
+            "--top-k", "102", "--provider", "cpu", "--no-progress"] + [str(real_jpegs[0])] * 40
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    first = child.stdout.readline()
+    child.stdout.close()  # what `head -1` does after its line
+    stderr = child.stderr.read().decode()
+    code = child.wait(timeout=300)
+    assert json.loads(first)["image"] == str(real_jpegs[0])
+    assert stderr == "" and code == 1
+
+
+def test_max_pixels_option(invoke, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 150), (30, 140, 60)).save(big)
+    refused = invoke("--max-pixels", 200 * 150 - 1, big)
+    assert refused.exit_code == 1
+    first, summary = lines(refused.stderr)
+    assert first.startswith(f"flowae-infer: {big}: image is ") and "pixel budget" in first
+    assert summary == "flowae-infer: 1 of 1 images failed"
+    assert invoke("--max-pixels", 200 * 150, big).exit_code == 0
+
+
+def test_a_file_that_appears_meanwhile_is_kept_and_the_next_number_taken(tmp_path):
+    """Another process creates <stem>.recon.png while ours is being encoded: write_atomic's
+    create-only move refuses to take its place, and the next free number is used instead."""
+    theirs = tmp_path / "x.recon.png"
+    pixels = Image.new("RGB", (4, 2), (10, 200, 10))
+
+    class Racing:  # encodes like the PIL image, after the other writer got there first
+        def save(self, handle, format):
+            if not theirs.exists():
+                theirs.write_text("the other process's file")
+            pixels.save(handle, format=format)
+
+    saved = save_reconstruction(Racing(), tmp_path, tmp_path / "x.jpg", set())
+    assert saved == tmp_path / "x.recon-2.png"
+    assert theirs.read_text() == "the other process's file"
+    assert Image.open(saved).tobytes() == pixels.tobytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.recon-2.png", "x.recon.png"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_stdout_is_one_line(model_dir, real_jpegs, tmp_path):
+    args = [sys.executable, "-m", "flowae.runtime.cli", "--model", str(model_dir),
+            "--provider", "cpu", str(real_jpegs[0])]
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        done = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr == ("flowae-infer: error: cannot write the results (No space left on "
+                           "device)\n")

@@ -1,5 +1,6 @@
-"""The runtime's evaluation: its .mat reader against scipy, its split against training's, and
-its accuracy against PyTorch's on the same checkpoint and images."""
+"""The runtime's evaluation: the .mat reader it uses against scipy, the split against the .mat
+files as scipy reads them, and its accuracy against PyTorch's on the same checkpoint and
+images."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 from scipy.io import loadmat, savemat
 
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
-from flowae.data import eval_transform, split_files, to_float
+from flowae.data import eval_transform, to_float
+from flowae.runtime.datasets import flowers102_split, fullres_files, read_mat
 from flowae.runtime.errors import DataError
-from flowae.runtime.evaluate import flowers102_split, fullres_files, read_mat, score
+from flowae.runtime.evaluate import score
 from flowae.runtime.images import load_rgb
 
 PARITY = 1e-4  # logits may differ this much between onnxruntime and PyTorch
@@ -38,18 +40,21 @@ def test_mat_reader_refuses_other_files(tmp_path):
     (tmp_path / "x.mat").write_text("plain text")
     with pytest.raises(DataError, match="not a MATLAB 5.0 .mat file"):
         read_mat(tmp_path / "x.mat")
-    with pytest.raises(DataError, match="not a Flowers102 folder"):
+    with pytest.raises(DataError, match="Flowers102 not found or corrupt in"):
         flowers102_split(tmp_path)
     with pytest.raises(DataError, match="expected a CSV with columns file,label"):
         fullres_files(tmp_path)
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
-def test_split_matches_training(real_root, split):
+def test_split_follows_the_mat_files_as_scipy_reads_them(real_root, split):
     paths, labels = flowers102_split(real_root, split)
-    expected = split_files(real_root, split)
-    assert paths == list(expected.paths)
-    assert labels.tolist() == list(expected.labels)
+    base = real_root / "flowers-102"
+    ids = loadmat(base / "setid.mat")[{"train": "trnid", "val": "valid", "test": "tstid"}[
+        split]].ravel()
+    all_labels = loadmat(base / "imagelabels.mat")["labels"].ravel()
+    assert [p.name for p in paths] == [f"image_{i:05d}.jpg" for i in ids]
+    assert list(labels) == [int(all_labels[i - 1]) - 1 for i in ids]
     assert len(paths) == {"train": 1020, "val": 1020, "test": 6149}[split]
 
 
@@ -76,3 +81,16 @@ def test_top1_agrees_with_pytorch_on_real_test_images(real_root, tiny_runs, pred
     assert np.array_equal(top1[clear], logits.argmax(axis=1)[clear])
     assert accuracy.images == 150 and accuracy.failed == 0
     assert accuracy.top1 == pytest.approx(100 * float((top1 == labels).mean()))
+
+
+def test_class_folders_must_list_the_models_classes(tmp_path):
+    from PIL import Image
+
+    from flowae.runtime.evaluate import evaluate
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / split / name / "a.jpg")
+    with pytest.raises(DataError, match="2 classes are not the model's 102 classes"):
+        evaluate(None, tmp_path, provider="cpu")

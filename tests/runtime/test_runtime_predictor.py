@@ -3,7 +3,9 @@ providers, model lookup (the bundled-model mechanism included), and running with
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,27 +14,29 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
 from flowae.data import eval_transform, to_float, to_uint8
-from flowae.runtime import predictor as predictor_module
+from flowae.runtime import __version__
+from flowae.runtime import modeldir as modeldir_module
 from flowae.runtime.contract import (
     CLASS_NAMES,
-    MANIFEST_NAME,
     MANIFEST_RECOMMENDED,
-    ROLE_DECODER,
+    MANIFEST_RECOMMENDED_BY_PROVIDER,
     ROLE_ENCODER_CLASSIFIER,
     graph_file,
 )
 from flowae.runtime.errors import FlowaeError, ImageError, ModelLoadError
 from flowae.runtime.images import load_rgb
-from flowae.runtime.predictor import Prediction, Predictor, available_providers, resolve_model
+from flowae.runtime.predictor import MAX_BATCH_SIZE, MAX_THREADS, Prediction, Predictor
+from flowae.runtime.session import available_providers
 
 REPO = Path(__file__).resolve().parents[2]
-LOGIT_TOLERANCE = 1e-4  # onnxruntime vs PyTorch, fp32 (the export issue's parity bound)
+LOGIT_TOLERANCE = 1e-4  # onnxruntime vs PyTorch, fp32 (export's parity bound)
 
 
 @pytest.fixture(scope="module")
@@ -152,48 +156,77 @@ def test_eight_threads_give_the_sequential_results(model_dir, images):
         assert all(np.array_equal(a, b) for a, b in zip(recon, expected_recon, strict=True))
 
 
-def test_providers(model_dir):
-    assert Predictor(model_dir, provider="cpu").provider == "CPUExecutionProvider"
-    auto = Predictor(model_dir, provider="auto").provider
+def test_providers_fallback_and_what_served(model_dir):
+    cpu = Predictor(model_dir, provider="cpu")  # the older keyword still works
+    assert cpu.provider == "CPUExecutionProvider"
+    assert cpu.providers_asked == ("cpu",)
+    # A fallback list: providers this onnxruntime lacks are skipped, the next one serves.
     has_cuda = "CUDAExecutionProvider" in available_providers()
-    assert auto == ("CUDAExecutionProvider" if has_cuda else "CPUExecutionProvider")
-    with pytest.raises(FlowaeError, match="provider must be one of auto, cpu, cuda"):
+    fallback = Predictor(model_dir, providers="tensorrt,cuda,cpu", threads=1)
+    assert fallback.providers_asked == ("tensorrt", "cuda", "cpu")
+    assert fallback.provider == ("CUDAExecutionProvider" if has_cuda else "CPUExecutionProvider")
+    assert Predictor(model_dir, providers=["openvino", "cpu"]).info["provider"] == (
+        "openvino" if "OpenVINOExecutionProvider" in available_providers() else "cpu")
+    info = fallback.info
+    assert info == {
+        "model_dir": str(model_dir), "variant": "upsample", "precision": "fp32",
+        "provider": "cuda" if has_cuda else "cpu", "providers_asked": ["tensorrt", "cuda", "cpu"],
+        "threads": 1, "batch_size": 32, "num_classes": len(CLASS_NAMES),
+        "onnxruntime": ort.__version__, "flowae": __version__,
+    }
+    assert __version__ == importlib.metadata.version("flowae")
+    auto = Predictor(model_dir, provider="auto")
+    assert auto.provider == ("CUDAExecutionProvider" if has_cuda else "CPUExecutionProvider")
+    with pytest.raises(FlowaeError, match="unknown provider 'tpu'"):
         Predictor(model_dir, provider="tpu")
-    if has_cuda:
-        assert Predictor(model_dir, provider="cuda").provider == "CUDAExecutionProvider"
-    else:
-        with pytest.raises(ModelLoadError, match="provider 'cuda' is not available"):
+    if not has_cuda:
+        with pytest.raises(ModelLoadError, match="provider cuda is not available"):
             Predictor(model_dir, provider="cuda")
 
 
-def test_bad_options_are_refused(model_dir):
-    for options, message in [({"batch_size": 0}, "batch size"), ({"threads": 0}, "threads"),
-                             ({"precision": "int4"}, "precision")]:
-        with pytest.raises(FlowaeError, match=message):
-            Predictor(model_dir, **options)
+def test_provider_options_go_to_the_first_provider(model_dir):
+    """CPU's provider reports no options back, so on a CPU-only build this checks the
+    routing; with CUDA present, onnxruntime itself shows the option it was given."""
+    cpu = Predictor(model_dir, providers="cpu", provider_options={"arena_extend_strategy":
+                                                                  "kSameAsRequested"})
+    assert cpu._provider_options == {"cpu": {"arena_extend_strategy": "kSameAsRequested"}}
+    assert len(cpu.predict(np.full((120, 120, 3), 90, np.uint8))[0]) == 5
+    if "CUDAExecutionProvider" in available_providers():
+        cuda = Predictor(model_dir, providers="cuda,cpu",
+                         provider_options={"cudnn_conv_algo_search": "HEURISTIC"})
+        options = cuda.encoder.session.get_provider_options()["CUDAExecutionProvider"]
+        assert options["cudnn_conv_algo_search"] == "HEURISTIC"
 
 
-def test_model_directory_file_and_manifest_precision(model_dir, tmp_path):
-    encoder = model_dir / graph_file(ROLE_ENCODER_CLASSIFIER)
-    files = resolve_model(model_dir)
-    assert (files.encoder_classifier, files.decoder, files.precision) == (
-        encoder, model_dir / graph_file(ROLE_DECODER), "fp32")
-    assert resolve_model(encoder).decoder == model_dir / graph_file(ROLE_DECODER)
-    # A manifest that recommends int8 is followed; the fp32 decoder serves when int8 has none.
-    served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(encoder, served / graph_file(ROLE_ENCODER_CLASSIFIER, "int8"))
-    shutil.copy(model_dir / graph_file(ROLE_DECODER), served / graph_file(ROLE_DECODER))
-    (served / MANIFEST_NAME).write_text(json.dumps({MANIFEST_RECOMMENDED: "int8"}))
-    files = resolve_model(served)
-    assert files.precision == "int8"
-    assert files.encoder_classifier.name == graph_file(ROLE_ENCODER_CLASSIFIER, "int8")
-    assert files.decoder == served / graph_file(ROLE_DECODER)
-    with pytest.raises(ModelLoadError, match=r"no encoder_classifier\.fp16\.onnx"):
-        resolve_model(served, precision="fp16")
-    (served / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(ModelLoadError, match="unreadable manifest"):
-        resolve_model(served)
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "batch size must be from 1 to 4096, got 0"),
+    ({"batch_size": MAX_BATCH_SIZE + 1}, "batch size must be from 1 to 4096, got 4097"),
+    ({"threads": 0}, "threads must be from 1 to 256, got 0"),
+    ({"threads": MAX_THREADS + 1}, "threads must be from 1 to 256, got 257"),
+    ({"decode_workers": 10**6}, "decode workers must be from 1 to 256"),
+    ({"precision": "int4"}, "precision must be auto or one of"),
+    ({"provider": "cpu", "providers": "cuda"}, "give providers or provider, not both"),
+])
+def test_bad_options_are_refused(model_dir, options, message):
+    with pytest.raises(FlowaeError, match=re.escape(message)):
+        Predictor(model_dir, **options)
+
+
+def test_caps_are_inclusive(model_dir, images):
+    edge = Predictor(model_dir, provider="cpu", threads=1, batch_size=MAX_BATCH_SIZE)
+    assert len(edge.predict(images[:2])) == 2
+
+
+def test_auto_precision_is_the_manifests_choice_for_the_serving_provider(model_copy, signer):
+    encoder = model_copy / graph_file(ROLE_ENCODER_CLASSIFIER)
+    shutil.copy(encoder, model_copy / graph_file(ROLE_ENCODER_CLASSIFIER, "fp16"))
+    signer(model_copy, **{MANIFEST_RECOMMENDED: "fp32",
+                              MANIFEST_RECOMMENDED_BY_PROVIDER: {"cpu": "fp16"}})
+    served = Predictor(model_copy, providers="cuda,cpu")  # falls to cpu without CUDA
+    if served.info["provider"] == "cpu":
+        assert served.info["precision"] == "fp16"
+        assert served.files.encoder_classifier.name == "encoder_classifier.fp16.onnx"
+    assert Predictor(model_copy, provider="cpu", precision="fp32").info["precision"] == "fp32"
 
 
 def test_model_without_decoder_cannot_reconstruct(model_dir, tmp_path, images):
@@ -205,7 +238,7 @@ def test_model_without_decoder_cannot_reconstruct(model_dir, tmp_path, images):
 
 
 def test_bundled_model_is_the_default(model_dir, tmp_path, monkeypatch, images):
-    monkeypatch.setattr(predictor_module, "DEFAULT_MODEL_DIR", tmp_path / "models")
+    monkeypatch.setattr(modeldir_module, "DEFAULT_MODEL_DIR", tmp_path / "models")
     with pytest.raises(ModelLoadError, match="no model is bundled.*pass --model"):
         Predictor()
     shutil.copytree(model_dir, tmp_path / "models")
@@ -288,3 +321,15 @@ def test_metadata_of_the_served_model(predictor, model_dir):
     assert predictor.class_names == CLASS_NAMES
     uses_real_export = (REPO / "export" / "__init__.py").is_file()
     assert (metadata.extra["exporter"] != "tests/runtime stand-in") == uses_real_export
+
+
+def test_max_pixels_reaches_the_image_reader(model_dir, tmp_path):
+    big = tmp_path / "big.png"  # a PNG: no reduced-size decoding can bring it under budget
+    Image.new("RGB", (200, 150), (30, 140, 60)).save(big)
+    assert len(Predictor(model_dir, provider="cpu").predict(big)[0]) == 5  # default budget
+    strict = Predictor(model_dir, provider="cpu", max_pixels=200 * 150 - 1)
+    (result,) = strict.run([big])
+    assert result.error.startswith(f"{big}: image is ") and "pixel budget" in result.error
+    assert len(Predictor(model_dir, provider="cpu", max_pixels=200 * 150).predict(big)[0]) == 5
+    with pytest.raises(FlowaeError, match="max pixels must be >= 1, got 0"):
+        Predictor(model_dir, max_pixels=0)

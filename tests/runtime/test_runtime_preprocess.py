@@ -1,5 +1,5 @@
-"""Runtime preprocessing vs training's eval transform (torchvision) on real JPEGs of every mode,
-and the stated conversion rules of each odd mode."""
+"""Runtime preprocessing vs training's eval transform (torchvision) on real JPEGs of every mode
+and on images of any shape (1x1 to 20000x20), and the stated conversion rules of each odd mode."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from flowae.runtime.contract import Preprocess
 from flowae.runtime.errors import ImageError
 from flowae.runtime.images import draft_scale, load_rgb
 from flowae.runtime.preprocess import (
+    FULL_RESIZE_MAX_PX,
     denormalize,
     load_pixels,
     normalize,
     preprocess,
+    resize_window,
     resized_size,
+    vertical_pass_first,
 )
 
-TOLERANCE = 1e-6  # the issue's bound; in practice the two agree bit for bit
+TOLERANCE = 1e-6  # float32 scaling; in practice the two agree bit for bit
 
 
 def torchvision_input(source, spec: Preprocess | None = None) -> np.ndarray:
@@ -96,6 +99,66 @@ def test_parity_on_every_odd_mode(odd_files):
 def test_parity_for_other_rules(real_jpegs, spec):
     for path in real_jpegs[:3]:
         assert np.abs(preprocess(path, spec) - torchvision_input(path, spec)).max() <= TOLERANCE
+
+
+EXTREME_SHAPES = [(1, 1), (2, 3), (3, 2), (7, 5), (1000, 3), (3, 1000), (20000, 20),
+                  (20, 20000), (3000, 400), (400, 3000)]
+
+
+def random_image(size: tuple[int, int], seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("size", EXTREME_SHAPES, ids=lambda size: f"{size[0]}x{size[1]}")
+def test_any_shape_is_classified_bit_exact(size, tmp_path):
+    """Tiny images are upscaled and panoramas centre-cropped, bit for bit as eval_transform."""
+    image = random_image(size, seed=size[0] * 7 + size[1])
+    image.save(tmp_path / "image.png")
+    for spec in (Preprocess(), Preprocess(image_size_px=100, resize_px=90)):  # 90: zero padding
+        ours = preprocess(tmp_path / "image.png", spec)
+        assert ours.shape == (3, 100, 100) and ours.dtype == np.float32
+        assert np.abs(ours - torchvision_input(image, spec)).max() == 0.0, (size, spec)
+
+
+def test_panoramas_take_the_windowed_resize():
+    """The shapes above that would resize to more than FULL_RESIZE_MAX_PX take the window path."""
+    windowed = [size for size in EXTREME_SHAPES
+                if np.prod(resized_size(size, 100), dtype=np.int64) > FULL_RESIZE_MAX_PX]
+    assert {(20000, 20), (20, 20000)} <= set(windowed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_resize_window_is_pillows_resize_bit_for_bit(seed):
+    """Any window of any resize (up, down, one axis, both pass orders) equals Pillow's."""
+    rng = np.random.default_rng(seed)
+    orders = set()
+    for _ in range(40):
+        size = tuple(int(v) for v in rng.integers(1, 250, 2))
+        if rng.random() < 0.3:  # very tall or very wide
+            size = (size[0], size[1] * 20) if rng.random() < 0.5 else (size[0] * 20, size[1])
+        new_size = tuple(int(v) for v in rng.integers(1, 200, 2))
+        image = random_image(size, int(rng.integers(1 << 30)))
+        full = np.asarray(image.resize(new_size, Image.Resampling.BILINEAR))
+        left, top = (int(rng.integers(0, n)) for n in new_size)
+        width, height = int(rng.integers(1, new_size[0] - left + 1)), \
+            int(rng.integers(1, new_size[1] - top + 1))
+        window = resize_window(image, new_size, (left, top, width, height))
+        assert np.array_equal(window, full[top : top + height, left : left + width]), \
+            (size, new_size, (left, top, width, height))
+        orders.add(vertical_pass_first(size, new_size))
+    assert orders == {True, False}
+
+
+def test_a_long_panorama_needs_no_full_resize(tmp_path):
+    """1,000,000 x 2 px: the full resize would be 5 * 10^9 px (15 GB); only the crop is made."""
+    strip = random_image((1_000_000, 2), seed=3)
+    assert np.prod(resized_size(strip.size, 100), dtype=np.int64) == 5_000_000_000
+    pixels = load_pixels(strip, Preprocess())  # (S, S, 3)
+    middle = strip.crop((499_980, 0, 500_020, 2))  # the centre the crop sees, and its neighbours
+    expected = np.asarray(middle.resize((2000, 100), Image.Resampling.BILINEAR))[:, 950:1050]
+    assert pixels.shape == (100, 100, 3)
+    assert np.abs(pixels.astype(int) - expected).max() <= 1  # same picture; exactness above
 
 
 def test_path_pil_and_array_inputs_agree(real_jpegs):

@@ -1,49 +1,46 @@
 """Side-by-side decoder latency: PyTorch eager vs onnxruntime, naive and rewritten export.
 
-`python -m flowae.export.bench_decoder [--variant base] [--threads 1 --threads 2]` exports the
+`python -m benchmarks.decoder_latency [--variant base] [--threads 1 --threads 2]` exports the
 decoder twice (the exporter's own graph, and the CPU rewrite of flowae.export.convs with
 explicit padding), checks both against eager, then times them in turns, so that other load
 on the machine falls on all of them alike, and prints median/p90 milliseconds per call and
 the eager/onnxruntime ratio (above 1: onnxruntime is faster). "eager" runs the decoder's
-layers one by one (nn.Sequential's forward, the seed's PyTorch); "model" calls the decoder
-module itself, which may take other exact fast paths flowae uses for training. A small check
-for the export issue; the full benchmarks live in benchmarks/. Imports torch, onnxruntime,
-click and flowae.export.
+layers one by one (nn.Sequential's forward, plain PyTorch); "model" calls the decoder
+module itself, which may take other exact fast paths flowae uses for training. It measures
+what flowae.export.convs's cost model decides (which convolutions to fold, where explicit
+padding goes); benchmarks.latency times whole models. Imports torch, onnxruntime, click,
+flowae, flowae.export, the runtime's session factory and benchmarks.machine; nothing imports
+it.
 """
 
 from __future__ import annotations
 
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import click
-import numpy as np
-import onnxruntime as ort
-import torch
-from torch import nn
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flowae.checkpoint import load_checkpoint, model_from_checkpoint
-from flowae.export.onnx_export import (
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks.machine import machine_header  # noqa: E402
+from flowae.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from flowae.export.onnx_export import (  # noqa: E402
     export_graph,
     graph_modules,
     tensor_shapes,
     with_explicit_pads,
     write_model,
 )
-from flowae.models import VARIANTS, build_model
-from flowae.runtime.contract import INPUT_LATENT, ROLE_DECODER
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from flowae.models import VARIANTS, build_model  # noqa: E402
+from flowae.runtime.contract import INPUT_LATENT, ROLE_DECODER  # noqa: E402
+from flowae.runtime.session import create_session  # noqa: E402
 
 
 def export_decoders(model, out_dir: Path) -> dict[str, Path]:
@@ -65,14 +62,9 @@ def measure(model, paths: dict[str, Path], threads: int, batch: int, rounds: int
     torch.set_num_threads(threads)
     latent = torch.rand(batch, *model.latent_shape())
     feed = latent.numpy()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     # Idle onnxruntime workers spin by default and would take the cores PyTorch's next call
     # needs (the calls alternate); without spinning onnxruntime only loses a little.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = {name: ort.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
+    sessions = {name: create_session(path, threads=threads, spinning=False)
                 for name, path in paths.items()}
     with torch.inference_mode():
         expected = nn.Sequential.forward(model.decoder, latent).numpy()
@@ -118,7 +110,8 @@ def main(variant, checkpoint, threads, batch, rounds):
     else:
         model = build_model(VARIANTS[variant]).eval()
     click.echo(f"# {model.config.name} decoder, batch {batch}, {rounds} rounds; "
-               f"{_cpu_name()}, {torch.get_num_threads()} torch threads available; "
+               f"{machine_header()['cpu_model']}, {torch.get_num_threads()} torch threads "
+               f"available; "
                f"torch {torch.__version__}, onnxruntime {ort.__version__}, "
                f"numpy {np.__version__}")
     click.echo("| threads | eager p50 (p90) ms | model p50 (p90) ms | ort naive p50 (p90) ms "
@@ -139,4 +132,4 @@ def main(variant, checkpoint, threads, batch, rounds):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

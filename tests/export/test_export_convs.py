@@ -1,6 +1,12 @@
-"""The exact convolution rewrite (folded convolutions, fused batch norms) in PyTorch alone."""
+"""The exact convolution rewrite (folded convolutions, fused batch norms, explicit pads), and
+the decoder benchmark that times it (benchmarks.decoder_latency), which must see both exports
+equal eager PyTorch."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +129,15 @@ def test_explicit_pads_go_in_front_of_full_convolutions_only():
     outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                .run(None, {"x": x})[0] for m in (proto, rewritten)]
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_benchmark_runs_and_sees_equal_outputs():
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.decoder_latency", "--variant",
+                           "upsample", "--threads", "1", "--rounds", "1"], cwd=repo,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1
+    diffs = [float(v) for v in rows[0].rstrip(" |").split("|")[-1].split(",")]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4  # both exports equal eager

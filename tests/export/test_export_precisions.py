@@ -1,5 +1,6 @@
 """The int8 and fp16 copies: real quantized/half graphs, their figures, the int8 gate's pass path
-(the refuse path runs through the CLI in test_cli.py) and the default precision."""
+(the refuse path runs through the CLI in test_export_cli.py), the fp16 graph being exactly
+onnxruntime's converter's, and the default precision per provider family."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, numpy_helper
 
 from flowae.export import parity, pipeline
+from flowae.export.onnx_export import export_graph, graph_modules, tensor_shapes
+from flowae.export.quantize import FP16_ALSO_CONVERT, fp16_op_block_list
 from flowae.runtime.contract import (
     GRAPH_IO,
     MANIFEST_RECOMMENDED,
+    MANIFEST_RECOMMENDED_BY_PROVIDER,
+    METADATA_KEY,
     OUTPUT_LATENT,
     OUTPUT_LOGITS,
     ROLE_ENCODER_CLASSIFIER,
@@ -114,3 +120,62 @@ def test_fp16_keeps_resize_scales_float32(full_export):
     assert scales and all(initializers[s].data_type == TensorProto.FLOAT for s in scales)
     assert all(numpy_helper.to_array(initializers[s]).tolist()[-2:] == [2.0, 2.0]
                for s in scales)
+
+
+def _without_metadata(proto):
+    del proto.metadata_props[:]
+    return proto
+
+
+def _nodes(graph) -> list:
+    return sorted(node.SerializeToString(deterministic=True) for node in graph.node)
+
+
+def test_fp16_graph_is_onnxruntimes_conversion(full_export, torch_side):
+    """The fp16 file is what onnxruntime's converter makes of the fp32 graph: the same nodes
+    and initializers (ours are only put in topological order) and the same outputs, to 0."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    out_dir, _ = full_export
+    side = torch_side["upsample"]
+    assert set(fp16_op_block_list()) == set(DEFAULT_OP_BLOCK_LIST) - set(FP16_ALSO_CONVERT)
+    shapes = tensor_shapes(side.model)
+    for role, module in graph_modules(side.model, rewrite_convs=True).items():
+        (input_name,), _ = GRAPH_IO[role]
+        # The graph the export converted: the exporter's own, before explicit pads.
+        source = export_graph(module, role, torch.zeros(2, *shapes[input_name]), None, shapes)
+        del source.graph.value_info[:]
+        theirs = convert_float_to_float16(source, keep_io_types=True,
+                                          op_block_list=fp16_op_block_list())
+        ours = _without_metadata(onnx.load(str(out_dir / graph_file(role, "fp16"))))
+        assert _nodes(ours.graph) == _nodes(theirs.graph)
+        assert sorted(t.SerializeToString() for t in ours.graph.initializer) == \
+            sorted(t.SerializeToString() for t in theirs.graph.initializer)
+        inputs = feed(role, side)
+        theirs_out = ort.InferenceSession(theirs.SerializeToString(),
+                                          providers=["CPUExecutionProvider"]).run(
+            None, {input_name: inputs})
+        ours_out = list(run(out_dir / graph_file(role, "fp16"), inputs).values())
+        for a, b in zip(ours_out, theirs_out, strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_fp16_keeps_metadata(full_export):
+    out_dir, _ = full_export
+    props = {p.key for p in onnx.load(str(out_dir / graph_file("decoder", "fp16"))).metadata_props}
+    assert METADATA_KEY in props
+
+
+def test_each_provider_family_gets_a_precision(full_export, exports):
+    _, manifest = full_export  # fp16 written
+    by_provider = manifest[MANIFEST_RECOMMENDED_BY_PROVIDER]
+    assert by_provider == {"cpu": manifest[MANIFEST_RECOMMENDED], "cuda": "fp16",
+                           "tensorrt": "fp16", "openvino": "fp32"}
+    assert set(manifest["recommended_reason_by_provider"]) == set(by_provider)
+    assert manifest["recommended_reason_by_provider"]["cpu"] == manifest["recommended_reason"]
+    for precision in by_provider.values():  # every recommended file is there
+        assert graph_file(ROLE_ENCODER_CLASSIFIER, precision) in manifest["files"]
+    _, plain = exports["upsample"]  # fp32 only
+    assert plain[MANIFEST_RECOMMENDED_BY_PROVIDER] == {
+        "cpu": "fp32", "cuda": "fp32", "tensorrt": "fp32", "openvino": "fp32"}
+    assert "--fp16" in plain["recommended_reason_by_provider"]["cuda"]

@@ -1,9 +1,10 @@
-"""`flowae-export` through click's CliRunner: a real export, and one-line errors with exit 1;
-and the decoder timing script, which must run and see equal outputs."""
+"""`flowae-export` through click's CliRunner: a real export that replaces an older one whole,
+and one-line errors with exit 1 (usage errors: exit 2)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import onnx
@@ -11,9 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flowae.export import bench_decoder
 from flowae.export.cli import main
-from flowae.runtime.contract import GRAPH_IO, MANIFEST_NAME, ROLE_DECODER, graph_file
+from flowae.runtime.contract import (
+    GRAPH_IO,
+    MANIFEST_NAME,
+    MANIFEST_RECOMMENDED_BY_PROVIDER,
+    ROLE_DECODER,
+    graph_file,
+)
 
 FP32_FILES = sorted(graph_file(role) for role in GRAPH_IO)
 
@@ -29,23 +35,28 @@ def test_cli_export_with_opset_replaces_an_older_export(full_export, tiny_runs, 
                                                         tmp_path):
     out_dir = tmp_path / "model"
     shutil.copytree(full_export[0], out_dir)  # holds int8 and fp16 files too
-    (out_dir / "notes.txt").write_text("not flowae's")
     code, lines = invoke(tiny_runs["upsample"], "--out", out_dir, "--data-root", fake_root,
                          "--opset", 18, "--no-rewrite-convs")
     assert code == 0, lines
     assert any(line.startswith("decoder.onnx") for line in lines)
-    assert lines[-1].startswith("recommended: fp32")
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        [*FP32_FILES, MANIFEST_NAME, "notes.txt"])
+    assert lines[-1].startswith("recommended: fp32 on CPU")
+    assert "cuda fp32" in lines[-1]  # no fp16 this time
+    # Replaced whole: the older int8 and fp16 graphs went with the old directory.
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([*FP32_FILES, MANIFEST_NAME])
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no scratch or old folder
     manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+    assert manifest[MANIFEST_RECOMMENDED_BY_PROVIDER]["cuda"] == "fp32"
     assert manifest["opset"] == 18 and manifest["rewrite_convs"] is False
     assert set(manifest["files"]) == set(FP32_FILES)
     for name in FP32_FILES:
         proto = onnx.load(str(out_dir / name))
         assert [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")] == [18]
         assert manifest["files"][name]["parity"]["passed"]
-    for name in [*FP32_FILES, MANIFEST_NAME]:
-        assert (out_dir / name).stat().st_mode & 0o777 == 0o644
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in [*FP32_FILES, MANIFEST_NAME]:  # the usual mode, not the temp files' 0600
+        assert (out_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert out_dir.stat().st_mode & 0o777 == full_export[0].stat().st_mode & 0o777
     decoder = onnx.load(str(out_dir / graph_file(ROLE_DECODER))).graph
     assert not any(n.op_type == "Pad" for n in decoder.node)  # the exporter's own graph
 
@@ -91,11 +102,11 @@ def test_cli_rejects_an_opset_the_exporter_cannot_write(tiny_runs, fake_root, tm
     assert len(lines) == 1 and "opset must be between 18" in lines[0]
 
 
-def test_decoder_timing_script_runs():
-    args = ["--variant", "upsample", "--threads", "1", "--rounds", "1"]
-    result = CliRunner().invoke(bench_decoder.main, args)
-    assert result.exit_code == 0, result.output
-    rows = [line for line in result.output.splitlines() if line.startswith("| 1 |")]
-    assert len(rows) == 1
-    diffs = [float(v) for v in rows[0].rstrip(" |").split("|")[-1].split(",")]
-    assert len(diffs) == 2 and max(diffs) <= 1e-4  # both exports equal eager
+@pytest.mark.parametrize("value", ["big", "0"])
+def test_cli_rejects_a_resize_that_is_neither_a_size_nor_auto(value, tiny_runs, fake_root,
+                                                              tmp_path):
+    result = CliRunner().invoke(main, [str(tiny_runs["upsample"]), "--out",
+                                       str(tmp_path / "model"), "--resize-px", value])
+    assert result.exit_code == 2 and "--resize-px" in result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []

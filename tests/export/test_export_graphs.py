@@ -1,4 +1,5 @@
-"""export_model on the tiny seeded runs: graphs, parity, metadata, batch sizes, atomicity."""
+"""export_model on the tiny seeded runs: graphs, parity, metadata, class names, batch sizes,
+and a failed gate that leaves the model directory as it was."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from flowae.checkpoint import file_sha256, load_checkpoint, resolve_checkpoint
+from flowae.checkpoint import file_sha256, load_checkpoint, resolve_checkpoint, save_checkpoint
 from flowae.export import ExportOptions, export_model, parity, pipeline
 from flowae.models import VARIANTS
+from flowae.runtime import contract
 from flowae.runtime.contract import (
     BATCH_AXIS,
     CLASS_NAMES,
@@ -27,14 +29,14 @@ from flowae.runtime.contract import (
     NUM_CLASSES,
     OUTPUT_LATENT,
     OUTPUT_LOGITS,
-    OUTPUT_RECONSTRUCTION,
     ROLE_DECODER,
     ROLE_ENCODER_CLASSIFIER,
     ModelMetadata,
-    Preprocess,
     graph_file,
 )
 from flowae.runtime.errors import DataError, ExportError
+from flowae.runtime.predictor import Predictor
+from flowae.runtime.session import create_session
 
 FP32_FILES = sorted(graph_file(role) for role in GRAPH_IO)
 
@@ -96,7 +98,7 @@ def test_metadata_round_trips(full_export, tiny_runs, torch_side):
         assert meta.to_json() == text
         assert (meta.role, meta.variant) == (entry["role"], "upsample")
         assert meta.contract_version == CONTRACT_VERSION
-        assert meta.preprocess == Preprocess()
+        assert meta.preprocess == contract.Preprocess()
         assert meta.latent_shape == torch_side["upsample"].model.latent_shape()
         assert meta.class_names == CLASS_NAMES
         assert meta.extra["precision"] == entry["precision"]
@@ -123,10 +125,10 @@ def test_batch_sizes(variant, batch, exports, torch_side, seeded):
     decoded = run(out_dir / graph_file(ROLE_DECODER), latent.numpy())
     assert encoded[OUTPUT_LOGITS].shape == (batch, NUM_CLASSES)
     assert encoded[OUTPUT_LATENT].shape == (batch, *model.latent_shape())
-    assert decoded[OUTPUT_RECONSTRUCTION].shape == images.shape
+    assert decoded[contract.OUTPUT_RECONSTRUCTION].shape == images.shape
     assert max_abs_diff(encoded[OUTPUT_LOGITS], logits) <= 1e-4
     assert max_abs_diff(encoded[OUTPUT_LATENT], latent) <= 1e-4
-    assert max_abs_diff(decoded[OUTPUT_RECONSTRUCTION], reconstruction) <= 1e-4
+    assert max_abs_diff(decoded[contract.OUTPUT_RECONSTRUCTION], reconstruction) <= 1e-4
 
 
 def test_graph_io_follows_contract(full_export):
@@ -184,11 +186,11 @@ def test_perturbed_graph_fails_the_gate(exports, torch_side, tmp_path):
     _bump_last_bias(proto, "Conv", 1e-3)
     onnx.save(proto, str(tmp_path / "decoder.onnx"))
     side = torch_side["base"]
-    outputs = parity.run_graph(parity.make_session(tmp_path / "decoder.onnx"),
+    outputs = parity.run_graph(create_session(tmp_path / "decoder.onnx"),
                                side.reference[OUTPUT_LATENT])
     figures = parity.compare(outputs, side.reference, parity.Tolerance(atol=1e-4))
     assert not figures["passed"]
-    assert figures["max_abs_diff"][OUTPUT_RECONSTRUCTION] > 1e-4
+    assert figures["max_abs_diff"][contract.OUTPUT_RECONSTRUCTION] > 1e-4
     with pytest.raises(ExportError, match=r"parity gate failed for decoder\.onnx") as caught:
         parity.check(figures, "decoder.onnx")
     assert "\n" not in str(caught.value)
@@ -198,7 +200,6 @@ def test_failed_gate_leaves_model_dir_as_it_was(exports, tiny_runs, fake_root, t
                                                 monkeypatch):
     out_dir = tmp_path / "model"
     shutil.copytree(exports["upsample"][0], out_dir)
-    (out_dir / "notes.txt").write_text("not flowae's")
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
     real_export_graph = pipeline.export_graph
 
@@ -232,3 +233,17 @@ def test_conflicting_or_bad_options_are_refused(options, message):
     with pytest.raises(ExportError, match=message):
         ExportOptions(**options).validate()
 
+
+
+def test_class_names_come_from_the_checkpoint(tiny_runs, fake_root, tmp_path):
+    payload = load_checkpoint(tiny_runs["upsample"])
+    names = [f"flower {i}" for i in range(NUM_CLASSES)]
+    payload["class_names"] = names
+    save_checkpoint(tmp_path / "named.pt", payload)
+    out_dir = tmp_path / "model"
+    export_model(tmp_path / "named.pt", out_dir, ExportOptions(data_root=fake_root,
+                                                               latency_rounds=2))
+    for name in FP32_FILES:
+        props = {p.key: p.value for p in onnx.load(str(out_dir / name)).metadata_props}
+        assert ModelMetadata.from_json(props[METADATA_KEY]).class_names == tuple(names)
+    assert Predictor(out_dir, provider="cpu").class_names == tuple(names)

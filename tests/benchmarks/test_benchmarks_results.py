@@ -1,6 +1,6 @@
 """benchmarks.results tabulates real (tiny) training runs and refuses unfinished ones.
 
-Run as a script, the way users run it: nothing imports benchmarks."""
+Run as a script, the way users run it."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_results_refuses_unfinished_run(tmp_path):
 def test_command_column_reproduces_the_runs_training_options(fake_root, tmp_path):
     """A run of res16 with options off its recipe: the rebuilt command, run for one epoch,
     saves the same TrainConfig (device aside)."""
-    from flowae.train import RECIPES
+    from flowae.config import RECIPES
 
     config = {**RECIPES["modern"].to_dict(), "cls_epochs": 200, "cutmix": 0.5, "bf16": False,
               "device": "cpu"}
