@@ -13,7 +13,6 @@ says why. Writes accuracy.json, accuracy.md and accuracy.png (top-1 against ms/i
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,13 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.machine import (  # noqa: E402
+from benchmarks.machine import (
     NO_CUDA,
     device_label,
     machine_header,
@@ -35,17 +31,17 @@ from benchmarks.machine import (  # noqa: E402
     torch_cuda_available,
     usable_cores,
 )
-from benchmarks.options import DEFAULT_DATA_ROOT, DEFAULT_OUT, BenchmarkError  # noqa: E402
-from benchmarks.report import Column, Section, echo_paths, failed, write_report  # noqa: E402
-from benchmarks.sources import ModelSource, file_mb, prepare_sources, weights_mb  # noqa: E402
-from benchmarks.timing import gc_paused, ratio  # noqa: E402
-from flowae.runtime.contract import (  # noqa: E402
+from benchmarks.options import DEFAULT_DATA_ROOT, DEFAULT_OUT, BenchmarkError
+from benchmarks.report import Column, Section, echo_paths, failed, write_report
+from benchmarks.sources import ModelSource, file_mb, prepare_sources, weights_mb
+from benchmarks.timing import gc_paused, ratio
+from flowae.runtime.contract import (
     MANIFEST_NAME,
     ROLE_ENCODER_CLASSIFIER,
     Preprocess,
     graph_file,
 )
-from flowae.runtime.errors import FlowaeError  # noqa: E402
+from flowae.runtime.errors import FlowaeError
 
 NAME = "accuracy"
 SPLITS = ("train", "val", "test")

@@ -26,16 +26,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.machine import load_average, machine_header, usable_cores  # noqa: E402
-from benchmarks.options import DEFAULT_OUT, DEFAULT_PHOTOS, BenchmarkError  # noqa: E402
-from benchmarks.report import Column, Section, echo_paths, write_report  # noqa: E402
-from flowae.runtime.errors import FlowaeError  # noqa: E402
+from benchmarks.machine import load_average, machine_header, usable_cores
+from benchmarks.options import DEFAULT_OUT, DEFAULT_PHOTOS, BenchmarkError
+from benchmarks.report import Column, Section, echo_paths, write_report
+from flowae.runtime.errors import FlowaeError
 
 NAME = "batch_throughput"
 CAMERA_SIZE = (4032, 3024)  # a 12 MP phone photo, landscape

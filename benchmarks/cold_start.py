@@ -24,23 +24,20 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.machine import machine_header  # noqa: E402
-from benchmarks.options import (  # noqa: E402
+from benchmarks.machine import machine_header
+from benchmarks.options import (
     DEFAULT_DATA_ROOT,
     DEFAULT_OUT,
     DEFAULT_PHOTOS,
     BenchmarkError,
 )
-from benchmarks.report import Column, Section, echo_paths, write_report  # noqa: E402
-from benchmarks.sources import check_one_model, one_runtime_model  # noqa: E402
-from benchmarks.timing import latency_stats  # noqa: E402
-from flowae.runtime.errors import FlowaeError  # noqa: E402
+from benchmarks.report import Column, Section, echo_paths, write_report
+from benchmarks.sources import check_one_model, one_runtime_model
+from benchmarks.timing import latency_stats
+from flowae.runtime.errors import FlowaeError
 
 NAME = "cold_start"
 TARGET_S = 0.5  # the target: a cold `flowae-infer photo.jpg` in at most 0.5 s wall

@@ -20,27 +20,24 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from benchmarks.machine import machine_header  # noqa: E402
-from flowae.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from flowae.export.onnx_export import (  # noqa: E402
+from benchmarks.machine import machine_header
+from flowae.checkpoint import load_checkpoint, model_from_checkpoint
+from flowae.export.onnx_export import (
     export_graph,
     graph_modules,
     tensor_shapes,
     with_explicit_pads,
     write_model,
 )
-from flowae.models import VARIANTS, build_model  # noqa: E402
-from flowae.runtime.contract import INPUT_LATENT, ROLE_DECODER  # noqa: E402
-from flowae.runtime.session import create_session  # noqa: E402
+from flowae.models import VARIANTS, build_model
+from flowae.runtime.contract import INPUT_LATENT, ROLE_DECODER
+from flowae.runtime.session import create_session
 
 
 def export_decoders(model, out_dir: Path) -> dict[str, Path]:

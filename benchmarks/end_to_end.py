@@ -17,27 +17,23 @@ nothing imports it.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.machine import machine_header, usable_cores  # noqa: E402
-from benchmarks.options import (  # noqa: E402
+from benchmarks.machine import machine_header, usable_cores
+from benchmarks.options import (
     DEFAULT_DATA_ROOT,
     DEFAULT_OUT,
     DEFAULT_PHOTOS,
     BenchmarkError,
     parse_int_list,
 )
-from benchmarks.report import (  # noqa: E402
+from benchmarks.report import (
     Column,
     Section,
     echo_paths,
@@ -46,9 +42,9 @@ from benchmarks.report import (  # noqa: E402
     plot_series,
     write_report,
 )
-from benchmarks.sources import check_one_model, one_runtime_model  # noqa: E402
-from benchmarks.timing import gc_paused, latency_stats, ratio, time_once_ms  # noqa: E402
-from flowae.runtime.errors import FlowaeError  # noqa: E402
+from benchmarks.sources import check_one_model, one_runtime_model
+from benchmarks.timing import gc_paused, latency_stats, ratio, time_once_ms
+from flowae.runtime.errors import FlowaeError
 
 NAME = "end_to_end"
 DECODES = ("full", "draft")  # full JPEG decode; reduced-size decode (Pillow draft)

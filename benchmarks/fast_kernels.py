@@ -15,18 +15,14 @@ flowae.models and the benchmarks' helpers; nothing imports it.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
 
-import click  # noqa: E402
-
-from benchmarks.report import Column, Section, echo_paths, markdown_table  # noqa: E402
-from flowae.config import VARIANTS, SeedConfig  # noqa: E402
+from benchmarks.report import Column, Section, echo_paths, markdown_table
+from flowae.config import VARIANTS, SeedConfig
 
 NAME = "fast_kernels"
 PHASES = ("ae", "cls")  # phase 1 (autoencoder) and phase 2 (classifier), as flowae.train names them

@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
 
-import click  # noqa: E402
-
-from benchmarks.options import BenchmarkError  # noqa: E402
-from benchmarks.report import Column, Section, echo_paths, markdown_table  # noqa: E402
-from flowae.runtime.contract import CLASS_NAMES  # noqa: E402
-from flowae.runtime.datasets import flowers102_split  # noqa: E402
-from flowae.runtime.errors import FlowaeError  # noqa: E402
+from benchmarks.options import BenchmarkError
+from benchmarks.report import Column, Section, echo_paths, markdown_table
+from flowae.runtime.contract import CLASS_NAMES
+from flowae.runtime.datasets import flowers102_split
+from flowae.runtime.errors import FlowaeError
 
 NAME = "flowers_view"
 SPLITS = ("train", "val")  # the official splits linked into the view, under these names

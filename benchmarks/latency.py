@@ -15,20 +15,16 @@ flowae.export); nothing imports it.
 from __future__ import annotations
 
 import gc
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.machine import (  # noqa: E402
+from benchmarks.machine import (
     NO_CUDA,
     device_label,
     load_average,
@@ -36,8 +32,8 @@ from benchmarks.machine import (  # noqa: E402
     ort_cuda_available,
     torch_cuda_available,
 )
-from benchmarks.options import DEFAULT_DATA_ROOT, DEFAULT_OUT, parse_int_list  # noqa: E402
-from benchmarks.report import (  # noqa: E402
+from benchmarks.options import DEFAULT_DATA_ROOT, DEFAULT_OUT, parse_int_list
+from benchmarks.report import (
     Column,
     Section,
     echo_paths,
@@ -47,27 +43,27 @@ from benchmarks.report import (  # noqa: E402
     plot_series,
     write_report,
 )
-from benchmarks.sources import (  # noqa: E402
+from benchmarks.sources import (
     ModelSource,
     file_mb,
     plain_export,
     prepare_sources,
     weights_mb,
 )
-from benchmarks.timing import (  # noqa: E402
+from benchmarks.timing import (
     TimingPlan,
     latency_stats,
     ratio,
     time_calls_ms,
     time_once_ms,
 )
-from flowae.runtime.contract import (  # noqa: E402
+from flowae.runtime.contract import (
     GRAPH_IO,
     ROLE_DECODER,
     ROLE_ENCODER_CLASSIFIER,
     graph_file,
 )
-from flowae.runtime.errors import FlowaeError  # noqa: E402
+from flowae.runtime.errors import FlowaeError
 
 NAME = "latency"
 ROLES = (ROLE_ENCODER_CLASSIFIER, ROLE_DECODER)

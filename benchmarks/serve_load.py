@@ -26,16 +26,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
 
-import click  # noqa: E402
-
-from benchmarks.machine import load_average, machine_header  # noqa: E402
-from benchmarks.options import DEFAULT_OUT, DEFAULT_PHOTOS, REPO, BenchmarkError  # noqa: E402
-from benchmarks.report import Column, Section, echo_paths, write_report  # noqa: E402
-from benchmarks.timing import latency_stats  # noqa: E402
-from flowae.runtime.errors import FlowaeError  # noqa: E402
+from benchmarks.machine import load_average, machine_header
+from benchmarks.options import DEFAULT_OUT, DEFAULT_PHOTOS, REPO, BenchmarkError
+from benchmarks.report import Column, Section, echo_paths, write_report
+from benchmarks.timing import latency_stats
+from flowae.runtime.errors import FlowaeError
 
 NAME = "serve_load"
 START_TIMEOUT_S = 120.0

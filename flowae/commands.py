@@ -33,7 +33,8 @@ COMMANDS = (
     Command("flowae-export", "flowae.export.cli:main", "train", ("torch", "onnx"),
             "export a training run to verified ONNX graphs (fp32, int8, fp16, .ort)"),
     Command("flowae-serve", "flowae.runtime.serve.cli:main", "serve",
-            ("starlette", "uvicorn", "python_multipart"), "HTTP API and web page, in-browser inference included"),
+            ("starlette", "uvicorn", "python_multipart"),
+            "HTTP API and web page, in-browser inference included"),
     Command("flowae-batch", "flowae.runtime.batch:main", "distributed", ("ray", "pyarrow"),
             "batch inference over image archives on Ray Data"),
 )

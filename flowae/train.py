@@ -46,7 +46,7 @@ from flowae.distributed import DistInfo, sync_batchnorm
 from flowae.models import FlowAE, ModelConfig, build_model, count_parameters
 from flowae.runtime.contract import Preprocess
 from flowae.runtime.errors import CheckpointError, DataError, FlowaeError
-from flowae.runtime.files import write_text_atomic
+from flowae.runtime.files import remove_stale_temps, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -611,6 +611,9 @@ def train(
     if has_run and not resume:
         raise FlowaeError(f"{run_dir} already holds a run; pass --resume or choose another --out")
     state = _load_resume(run_dir, model_config, config, dataset) if resume and has_run else None
+    if dist.is_main and run_dir.is_dir():
+        for path in remove_stale_temps(run_dir):  # left by a run that was killed mid-write
+            log.info("removed %s, left by an interrupted write", path)
 
     started = time.perf_counter()
     batches = load_batches(dataset, model_config, config, strict=strict)

@@ -44,6 +44,7 @@ from flowae.runtime.preprocess import ImageSource
 from flowae.runtime.session import parse_providers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_TOP_K = 5
 _PROG = "flowae-infer"
 RECONSTRUCTION_SUFFIX = ".recon.png"  # OUT_DIR/<stem>.recon.png, then <stem>.recon-2.png, ...
 
@@ -328,8 +329,9 @@ def _describe(info: dict) -> str:
 @click.option("--model", type=click.Path(path_type=Path),
               help="Model directory from flowae-export, or an encoder_classifier .onnx file "
                    "[default: the model bundled with this install].")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
-              help="How many classes to list per image.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="How many classes to list per image [default: 5, or every class of a model "
+                   "with fewer].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout.")
 @click.option("--reconstruct", "reconstruct_dir",
               type=click.Path(file_okay=False, path_type=Path),
@@ -364,12 +366,13 @@ def _describe(info: dict) -> str:
 @click.option("--fullres", "fullres_root", type=click.Path(path_type=Path),
               help="With --evaluate: also a folder of full-size photos with labels.csv.")
 @click.pass_context
-def main(ctx: click.Context, images: tuple[str, ...], model: Path | None, top_k: int,
+def main(ctx: click.Context, images: tuple[str, ...], model: Path | None, top_k: int | None,
          as_json: bool, reconstruct_dir: Path | None, providers: str,
          provider_options: dict[str, str], threads: int | None, batch_size: int,
          precision: str, max_pixels: int | None, jpeg_draft: bool, progress: bool | None,
          verbose: bool, data_root: Path | None, fullres_root: Path | None) -> None:
-    """Classify IMAGE files (files, directories of images, or globs) into Oxford 102 flowers."""
+    """Classify IMAGE files (files, directories of images, or globs) into the model's classes
+    (the bundled model: Oxford 102 flowers)."""
     if progress is None:
         progress = sys.stderr.isatty()
     if data_root is not None:
@@ -399,6 +402,8 @@ def main(ctx: click.Context, images: tuple[str, ...], model: Path | None, top_k:
             if reconstruct_dir is not None:
                 _make_folder(reconstruct_dir)
             items = expand_inputs(images)
+            if top_k is None:
+                top_k = min(DEFAULT_TOP_K, len(predictor.class_names))
             results = run_inputs(predictor, items, top_k=top_k,
                                  reconstruct=reconstruct_dir is not None,
                                  progress=Progress(_PROG, progress and len(items) > 1))

@@ -70,6 +70,18 @@ def _move_new(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that interrupted atomic writes left in `folder` (a process killed
+    between creating its temp file and renaming it); return what was removed. Call it only
+    where no other writer is at work in `folder`."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> Path:
     return write_atomic(path, lambda handle: handle.write(data), replace=replace)
 

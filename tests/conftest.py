@@ -139,3 +139,35 @@ def tiny_runs(tmp_path_factory, fake_root) -> dict[str, Path]:
             return run_dir
 
     return Runs()
+
+
+# Exports of the tiny runs, each made once per session and shared by the export, runtime and
+# benchmark tests. A test that changes a model directory works on a copy.
+QUICK_EXPORT = {"latency_rounds": 2}  # the default-precision timing is not under test
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_runs, fake_root, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """variant -> (model directory, manifest) of a default fp32 export, made lazily."""
+    from flowae.export import ExportOptions, export_model
+
+    class Exports(dict):
+        def __missing__(self, variant: str) -> tuple[Path, dict]:
+            out_dir = tmp_path_factory.mktemp(f"export_{variant}") / "model"
+            manifest = export_model(tiny_runs[variant], out_dir,
+                                    ExportOptions(data_root=fake_root, **QUICK_EXPORT))
+            self[variant] = (out_dir, manifest)
+            return self[variant]
+
+    return Exports()
+
+
+@pytest.fixture(scope="session")
+def full_export(tiny_runs, fake_root, tmp_path_factory) -> tuple[Path, dict]:
+    """`upsample` in fp32, int8 and fp16; the int8 gate allows 100 points, so it passes."""
+    from flowae.export import ExportOptions, export_model
+
+    out_dir = tmp_path_factory.mktemp("export_full") / "model"
+    options = ExportOptions(data_root=fake_root, int8=True, fp16=True,
+                            int8_max_drop_points=100.0, **QUICK_EXPORT)
+    return out_dir, export_model(tiny_runs["upsample"], out_dir, options)

@@ -1,5 +1,6 @@
-"""Benchmark fixtures: one flowae-export of the tiny seeded `upsample` run (fp32, int8, fp16)
-and a small folder of camera-size JPEGs laid out like ../shared/flowers102-fullres."""
+"""Benchmark fixtures: the session's export of the tiny seeded `upsample` run (fp32, int8,
+fp16; tests/conftest.py's `full_export`) and a small folder of camera-size JPEGs laid out like
+../shared/flowers102-fullres."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def bench_model(tiny_runs, fake_root, tmp_path_factory) -> Path:
+def bench_model(full_export) -> Path:
     """The tiny `upsample` run exported by flowae.export, with int8 and fp16 copies."""
-    from flowae.export import ExportOptions, export_model
-
-    out = tmp_path_factory.mktemp("bench_model")
-    export_model(tiny_runs["upsample"], out, ExportOptions(
-        data_root=fake_root, int8=True, fp16=True, allow_accuracy_drop=True))
-    return out
+    return full_export[0]
 
 
 @pytest.fixture(scope="session")

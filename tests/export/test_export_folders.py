@@ -135,7 +135,8 @@ def test_class_folder_run_exports_and_infers_its_own_classes(layout, trained, tm
 
     images = sorted(data.rglob("*.png"))[:2] + sorted(data.rglob("*.jpg"))[:2]
     for precision in ("fp32", "int8"):
-        answers = infer(out_dir, images, "--top-k", len(CLASSES), "--precision", precision)
+        # No --top-k: the default of 5 shrinks to the model's 3 classes.
+        answers = infer(out_dir, images, "--precision", precision)
         assert [a["image"] for a in answers] == [str(p) for p in images]
         for answer in answers:
             assert sorted(p["class_name"] for p in answer["top_k"]) == list(CLASSES)

@@ -69,13 +69,10 @@ def model_copy(model_dir, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def model_dir(tiny_runs, fake_root, tmp_path_factory) -> Path:
-    """A model directory exported by flowae.export from the tiny seeded `upsample` run (fp32)."""
-    from flowae.export import ExportOptions, export_model
-
-    out_dir = tmp_path_factory.mktemp("model")
-    export_model(tiny_runs["upsample"], out_dir, ExportOptions(data_root=fake_root))
-    return out_dir
+def model_dir(exports) -> Path:
+    """The tiny seeded `upsample` run exported by flowae.export (fp32); shared, never altered
+    (tests that change it take `model_copy`)."""
+    return exports["upsample"][0]
 
 
 @pytest.fixture(scope="session")
