@@ -93,9 +93,10 @@ def preprocess_rule(source: ModelSource) -> Preprocess:
         return load_graph(path, ROLE_ENCODER_CLASSIFIER, "CPUExecutionProvider", 1
                           ).metadata.preprocess
     from flowae.checkpoint import load_checkpoint
+    from flowae.config import ModelConfig
+    from flowae.data import preprocess_for
 
-    side = int(load_checkpoint(source.checkpoint)["model_config"]["image_size_px"])
-    return Preprocess(image_size_px=side, resize_px=side)  # as flowae.train builds it
+    return preprocess_for(ModelConfig.from_dict(load_checkpoint(source.checkpoint)["model_config"]))
 
 
 def load_inputs(data_root: Path, split: str, spec: Preprocess, limit: int | None,

@@ -12,7 +12,9 @@ const FILES = ["ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-t
 
 const { version } = JSON.parse(
   readFileSync(join(here, "node_modules", "onnxruntime-web", "package.json"), "utf8"));
-rmSync(vendor, { recursive: true, force: true });
 mkdirSync(vendor, { recursive: true });
-for (const name of FILES) copyFileSync(join(dist, name), join(vendor, name));
+for (const name of FILES) {
+  rmSync(join(vendor, name), { force: true });
+  copyFileSync(join(dist, name), join(vendor, name));
+}
 console.log(`onnxruntime-web ${version}: copied ${FILES.join(", ")} to ${vendor}`);
