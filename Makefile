@@ -56,4 +56,4 @@ test: install lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs runtime/serve/web/node_modules runtime/serve/static/vendor
+	rm -rf $(VENV) runs runtime/serve/web/node_modules runtime/serve/static/vendor/ort*

@@ -26,16 +26,24 @@ def command(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
             "--no-progress", *EPOCHS, *extra]
 
 
+# torchrun's variables would make a child think it is one rank of a larger run.
+_DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID"}
+
+
 def one_thread() -> dict:
     # One thread on both sides makes the summation order, and so the weights, identical.
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    return {**env, "OMP_NUM_THREADS": "1"}
 
 
 def kill_after_checkpoints(data_root: Path, run_dir: Path, writes: int) -> None:
     """Start a training run and SIGKILL it as soon as it has written `writes` checkpoints."""
     checkpoint = run_dir / CHECKPOINT_NAME
-    process = subprocess.Popen(command(data_root, run_dir), env=one_thread(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir.parent / f"killed-after-{writes}.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command(data_root, run_dir), env=one_thread(),
+                                   stdout=sink, stderr=subprocess.STDOUT)
     seen, last = 0, None
     deadline = time.monotonic() + 300
     try:
@@ -47,7 +55,8 @@ def kill_after_checkpoints(data_root: Path, run_dir: Path, writes: int) -> None:
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert seen >= writes, "the run ended before it could be killed at this point"
+    assert seen >= writes, (f"saw {seen} of {writes} checkpoint writes before the run ended "
+                            f"(exit {process.returncode}): {log.read_text()[-2000:]}")
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
