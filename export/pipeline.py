@@ -32,7 +32,6 @@ import torch
 from flowae import __version__
 from flowae.checkpoint import (
     checkpoint_class_names,
-    file_sha256,
     load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
@@ -83,6 +82,7 @@ from flowae.runtime.contract import (
 )
 from flowae.runtime.errors import CheckpointError, DataError, ExportError
 from flowae.runtime.files import write_bytes_atomic
+from flowae.runtime.modeldir import sha256_of
 from flowae.runtime.session import create_session
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _versions() -> dict:
 
 def _file_entry(path: Path, role: str | None = None, precision: str | None = None,
                 fmt: str = "onnx") -> dict:
-    entry = {"size_bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    entry = {"size_bytes": path.stat().st_size, "sha256": sha256_of(path)}
     if role is not None:
         entry = {"role": role, "precision": precision, "format": fmt, **entry}
     return entry
@@ -211,7 +211,7 @@ class _Export:
         else:  # the run measured test with another resize: its figures do not describe this
             test, source = {}, "not measured with this preprocessing (see --test-accuracy)"
         self.provenance = {
-            "checkpoint_sha256": file_sha256(checkpoint),
+            "checkpoint_sha256": sha256_of(checkpoint),
             EXTRA_TEST_TOP1: test.get("top1"), EXTRA_TEST_TOP5: test.get("top5"),
             "test_figures_from": source,
             "exporter": EXPORTER, "rewrite_convs": options.rewrite_convs,

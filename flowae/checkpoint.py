@@ -10,7 +10,6 @@ Imports torch, flowae.models and the runtime (contract, errors, files).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -118,9 +117,3 @@ def model_from_checkpoint(payload: dict) -> FlowAE:
     return model.eval()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

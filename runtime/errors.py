@@ -6,6 +6,13 @@ runtime because every part of the project may import the runtime, never the reve
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: how a
+    library's multi-line error becomes part of a one-line flowae message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class FlowaeError(Exception):
     """Base class of every error flowae raises on purpose."""
 

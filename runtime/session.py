@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from flowae.runtime.errors import FlowaeError, ModelLoadError
+from flowae.runtime.errors import FlowaeError, ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +186,9 @@ def preload_cuda_libraries() -> None:
         with contextlib.redirect_stdout(printed):
             preload()
     except (OSError, RuntimeError) as exc:
-        log.info("onnxruntime.preload_dlls failed: %s", _first_line(exc))
+        log.info("onnxruntime.preload_dlls failed: %s", first_line(exc))
     if printed.getvalue().strip():
         log.info("onnxruntime.preload_dlls: %s", " ".join(printed.getvalue().split()))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def create_session(
@@ -228,7 +223,7 @@ def create_session(
                 provider_options=options,
             )
     except Exception as exc:  # onnxruntime's errors subclass Exception directly
-        raise ModelLoadError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from exc
     finally:
         if printed.getvalue().strip():
             log.warning("onnxruntime: %s", " ".join(printed.getvalue().split()))

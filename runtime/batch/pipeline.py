@@ -34,12 +34,11 @@ from flowae.runtime.batch.results import (
 )
 from flowae.runtime.batch.storage import (
     BatchError,
-    first_line,
     is_uri,
     list_inputs,
     open_filesystem,
 )
-from flowae.runtime.errors import FlowaeError, ImageError
+from flowae.runtime.errors import FlowaeError, ImageError, first_line
 from flowae.runtime.images import load_rgb_bytes
 from flowae.runtime.predictor import DEFAULT_BATCH_SIZE, DEFAULT_JPEG_DRAFT, Predictor
 from flowae.runtime.preprocess import ImageSource

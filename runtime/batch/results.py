@@ -18,7 +18,8 @@ import posixpath
 import secrets
 import time
 
-from flowae.runtime.batch.storage import BatchError, first_line, is_uri, open_filesystem
+from flowae.runtime.batch.storage import BatchError, is_uri, open_filesystem
+from flowae.runtime.errors import first_line
 from flowae.runtime.files import write_atomic
 from flowae.runtime.predictor import ImageResult
 

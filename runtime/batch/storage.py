@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
-from flowae.runtime.errors import FlowaeError
+from flowae.runtime.errors import FlowaeError, first_line
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -110,6 +110,3 @@ def _list_uri(uri: str) -> list[Input]:
     return [Input(f"{folder}/{name}") for name in names]
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from flowae.checkpoint import file_sha256, load_checkpoint, resolve_checkpoint, save_checkpoint
+from flowae.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from flowae.export import ExportOptions, export_model, parity, pipeline
 from flowae.models import VARIANTS
 from flowae.runtime import contract
@@ -35,6 +35,7 @@ from flowae.runtime.contract import (
     graph_file,
 )
 from flowae.runtime.errors import DataError, ExportError
+from flowae.runtime.modeldir import sha256_of
 from flowae.runtime.predictor import Predictor
 from flowae.runtime.session import create_session
 
@@ -67,7 +68,7 @@ def test_every_variant_exports_and_passes_parity(variant, exports, torch_side):
         path = out_dir / graph_file(role)
         onnx.checker.check_model(str(path), full_check=True)
         entry = manifest["files"][path.name]
-        assert entry["sha256"] == file_sha256(path)
+        assert entry["sha256"] == sha256_of(path)
         assert entry["size_bytes"] == path.stat().st_size
         assert entry["parity"]["passed"] and entry["parity"]["images"] == len(side.images)
         # The gate's figures, recomputed here from a fresh session on the same images.
@@ -102,7 +103,7 @@ def test_metadata_round_trips(full_export, tiny_runs, torch_side):
         assert meta.latent_shape == torch_side["upsample"].model.latent_shape()
         assert meta.class_names == CLASS_NAMES
         assert meta.extra["precision"] == entry["precision"]
-        assert meta.extra["checkpoint_sha256"] == file_sha256(resolve_checkpoint(run_dir))
+        assert meta.extra["checkpoint_sha256"] == sha256_of(resolve_checkpoint(run_dir))
         assert meta.extra["test_top1"] == payload["test"]["top1"]
         assert meta.extra["test_top5"] == payload["test"]["top5"]
         assert set(meta.extra["versions"]) == {"flowae", "torch", "onnx", "onnxruntime"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowae.checkpoint import file_sha256
 from flowae.export import ExportOptions, export_model
 from flowae.export.ort_format import ORT_OPERATORS_CONFIG
 from flowae.export.pipeline import ORT_PRECISIONS
@@ -22,6 +21,7 @@ from flowae.runtime.contract import (
     ModelMetadata,
     graph_file,
 )
+from flowae.runtime.modeldir import sha256_of
 from flowae.runtime.session import create_session
 
 
@@ -48,7 +48,7 @@ def test_every_graph_has_an_ort_copy_listed_with_its_hash(ort_export):
                                                                "manifest.json"}
     assert set(manifest["files"]) == expected | {ORT_OPERATORS_CONFIG}
     for name, entry in manifest["files"].items():
-        assert entry["sha256"] == file_sha256(out_dir / name)
+        assert entry["sha256"] == sha256_of(out_dir / name)
         assert entry["size_bytes"] == (out_dir / name).stat().st_size
     for role in GRAPH_IO:
         for precision in ORT_PRECISIONS:
