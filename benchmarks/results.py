@@ -11,6 +11,7 @@ differs. Imports click, the standard library and flowae.config (the torch-free r
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,13 +29,15 @@ def result_row(run_dir: Path) -> dict:
         raise click.ClickException(f"{path}: not a finished run ({exc})") from None
     config = metrics["train_config"]
     history = metrics["history"]
-    best_val = max((row["val_top1"] for row in history["cls"]), default=float("nan"))
+    val_top1 = [row["val_top1"] for row in history["cls"] if "val_top1" in row]  # none when
+    # val was trained on (cls_images=train+val)
+    best_val = max(val_top1, default=float("nan"))
     command = train_command(metrics["variant"], config, run_dir)
     return {
         "variant": metrics["variant"],
         "test_top1": metrics["test"]["top1"],
         "test_top5": metrics["test"]["top5"],
-        "final_val_top1": history["cls"][-1]["val_top1"] if history["cls"] else float("nan"),
+        "final_val_top1": val_top1[-1] if val_top1 else float("nan"),
         "best_val_top1": best_val,
         "test_recon_mse": metrics["test"]["recon_mse"],
         "parameters": metrics["parameters"],
@@ -74,6 +77,12 @@ def train_command(variant: str, config: dict, run_dir: Path) -> str:
     return " ".join(parts)
 
 
+def _val_cell(row: dict) -> str:
+    if math.isnan(row["best_val_top1"]):
+        return "trained on val"
+    return f"{row['final_val_top1']:.2f} / {row['best_val_top1']:.2f}"
+
+
 def markdown(rows: list[dict]) -> str:
     header = ("| variant | test top-1 % | test top-5 % | val top-1 % (last / best) "
               "| test recon MSE "
@@ -82,10 +91,42 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['test_top1']:.2f} | {r['test_top5']:.2f} | "
-            f"{r['final_val_top1']:.2f} / {r['best_val_top1']:.2f} | {r['test_recon_mse']:.4f} | "
+            f"{_val_cell(r)} | {r['test_recon_mse']:.4f} | "
             f"{r['parameters']:,} | {r['epochs']} | {r['train_min']:.1f} | `{r['command']}` |"
         )
     return "\n".join(lines) + "\n"
+
+
+def plot(run_dirs: tuple[Path, ...], rows: list[dict], path: Path) -> None:
+    """Phase-2 val top-1 per epoch of each run that scored val (left) and each run's test
+    top-1 at the end of training (right), one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.2),
+                                       gridspec_kw={"width_ratios": [3, 2]})
+    names = [Path(run_dir).name for run_dir in run_dirs]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (run_dir, name) in enumerate(zip(run_dirs, names, strict=True)):
+        history = json.loads((Path(run_dir) / METRICS_NAME).read_text())["history"]["cls"]
+        scored = [row for row in history if "val_top1" in row]
+        if scored:
+            curves.plot([row["epoch"] for row in scored], [row["val_top1"] for row in scored],
+                        label=name, color=colours[index % len(colours)], linewidth=1)
+    curves.set(title="val top-1 per phase-2 epoch (resize 100)", xlabel="epoch", ylabel="%")
+    curves.legend(fontsize=8)
+    tops = [row["test_top1"] for row in rows]
+    bars.barh(names, tops, color=[colours[i % len(colours)] for i in range(len(rows))])
+    for y, top in enumerate(tops):
+        bars.text(top, y, f" {top:.1f}", va="center", fontsize=8)
+    bars.set(title="test top-1 at the end of training (resize 100)", xlabel="%")
+    bars.invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 @click.command()
@@ -93,7 +134,9 @@ def markdown(rows: list[dict]) -> str:
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table (Markdown) and rows (JSON beside it) here.")
-def main(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also draw val curves and test top-1 of the runs (PNG).")
+def main(run_dirs: tuple[Path, ...], out: Path | None, plot_path: Path | None) -> None:
     """Tabulate finished flowae-train runs."""
     rows = [result_row(run_dir) for run_dir in run_dirs]
     table = markdown(rows)
@@ -102,6 +145,8 @@ def main(run_dirs: tuple[Path, ...], out: Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    if plot_path is not None:
+        plot(run_dirs, rows, plot_path)
 
 
 if __name__ == "__main__":

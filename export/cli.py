@@ -82,7 +82,9 @@ def _summary(manifest: dict, out_dir: Path) -> list[str]:
                      f"{diffs}{agree_text}")
     accuracy = manifest["accuracy"]
     top1 = ", ".join(f"{k} {v:.2f}%" for k, v in accuracy["top1_pct"].items())
-    lines.append(f"{accuracy['split']} top-1 on {accuracy['images']} images: {top1}")
+    seen = (" (images this model trained on: a parity check, not an accuracy)"
+            if accuracy["split"] in manifest.get("trained_on_splits", ("train",)) else "")
+    lines.append(f"{accuracy['split']} top-1 on {accuracy['images']} images: {top1}{seen}")
     resize = manifest["resize"]
     if "sweep" in resize:
         tried = ", ".join(f"{row['resize_px']} {row['top1']:.2f}%" for row in resize["sweep"])

@@ -399,6 +399,8 @@ def _manifest(export: _Export, checkpoint: Path, options: ExportOptions, accurac
         "preprocess": export.preprocess.to_dict(),
         "resize": resize,
         "data": data,
+        "trained_on_splits": (["train", "val"] if _trained_on_val(provenance["train_config"])
+                              else ["train"]),
         "parity": {"split": options.split, "images": accuracy["images"],
                    "fp32_tolerance": parity.Tolerance(options.fp32_atol).describe(),
                    "fp16_tolerance": parity.Tolerance(
@@ -466,6 +468,11 @@ def _calibration_images(data: Path | Dataset, preprocess: Preprocess, count: int
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(images), size=min(count, len(images)), replace=False))
     return images[chosen]
+
+
+def _trained_on_val(train_config: dict) -> bool:
+    """Whether phase 2 learned the val split's labels (flowae.config.TrainConfig.cls_images)."""
+    return train_config.get("cls_images", "train") == "train+val"
 
 
 def _choose_preprocess(model: FlowAE, data: Path | Dataset, options: ExportOptions
@@ -539,6 +546,10 @@ def export_model(run_dir_or_checkpoint: Path, out_dir: Path,
     data = export_data(payload, options)
     _check_not_an_input(out_dir, checkpoint, _data_root(data))
     model = model_from_checkpoint(payload)
+    if options.resize_px == RESIZE_AUTO and _trained_on_val(payload["train_config"]):
+        raise ExportError("this model trained on the val split (cls_images=train+val), so val "
+                          "cannot choose its resize; pass --resize-px N, chosen on a train-only "
+                          "run of the same recipe")
     preprocess, resize = _choose_preprocess(model, data, options)
     images, labels = _load_images(data, options.split, preprocess, options.max_images)
     calibration = (_calibration_images(data, preprocess, options.calibration_images,

@@ -127,6 +127,10 @@ class TrainConfig:
     schedule: str = "constant"  # constant | onecycle (linear warm-up, then cosine to zero)
     label_smoothing: float = 0.0  # phase 2 cross-entropy
     ae_images: str = "train"  # phase 1 images: train | train+val (val images without labels)
+    # Phase 2 images: train | train+val (val with its labels). With train+val, val scores
+    # nothing any more: choose the recipe on a train-only run first, then train the final model
+    # on both (needs a dataset with a test split, the only held-out figure left).
+    cls_images: str = "train"
     dec_epochs: int = 0  # phase 3: refit the decoder to the final encoder (encoder frozen)
     crop_scale_min: float = 0.25  # augmentation: smallest crop area (fraction of the image)
     bf16: bool = False  # bfloat16 autocast in training steps (AMX on this CPU); eval stays fp32
@@ -155,7 +159,7 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise FlowaeError(f"device must be auto, cpu or cuda, got {self.device!r}")
         choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "onecycle"),
-                   "ae_images": ("train", "train+val")}
+                   "ae_images": ("train", "train+val"), "cls_images": ("train", "train+val")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise FlowaeError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -45,7 +45,8 @@ def plot_curves(run_dir: Path, history: dict) -> None:
         epochs = [r["epoch"] for r in rows]
         ax.plot(epochs, [r["train_loss"] for r in rows], label="train")
         val_key = "val_loss" if phase == "cls" else "val_recon_mse"
-        ax.plot(epochs, [r[val_key] for r in rows], label="val")
+        if all(val_key in r for r in rows):  # absent when val was trained on (cls_images)
+            ax.plot(epochs, [r[val_key] for r in rows], label="val")
         ax.set(title=title if rows else f"{title}: not run", xlabel="epoch", ylabel="loss")
         ax.legend()
     _save(fig, run_dir / LOSS_PLOT)
@@ -56,8 +57,9 @@ def plot_curves(run_dir: Path, history: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in rows]
     ax.plot(epochs, [r["train_top1"] for r in rows], label="train top-1")
-    ax.plot(epochs, [r["val_top1"] for r in rows], label="val top-1")
-    ax.plot(epochs, [r["val_top5"] for r in rows], label="val top-5", linestyle="--")
+    if all("val_top1" in r for r in rows):
+        ax.plot(epochs, [r["val_top1"] for r in rows], label="val top-1")
+        ax.plot(epochs, [r["val_top5"] for r in rows], label="val top-5", linestyle="--")
     ax.set(title="accuracy per epoch (phase 2)", xlabel="epoch", ylabel="%")
     ax.legend()
     _save(fig, run_dir / ACCURACY_PLOT)

@@ -396,11 +396,14 @@ class _Record:
     seconds_before: float  # training time of earlier calls (resume)
 
 
-def _check_dataset(model_config: ModelConfig, dataset: Dataset) -> None:
+def _check_dataset(model_config: ModelConfig, config: TrainConfig, dataset: Dataset) -> None:
     if model_config.num_classes != len(dataset.class_names):
         raise DataError(f"model {model_config.name!r} has {model_config.num_classes} outputs "
                           f"but {dataset.root} has {len(dataset.class_names)} classes; build "
                           f"the model with num_classes={len(dataset.class_names)}")
+    if config.cls_images == "train+val" and "test" not in dataset.splits:
+        raise DataError(f"{dataset.root} has no test split: with cls_images=train+val no "
+                        f"held-out image would be left to score the model")
 
 
 def _same_data(saved: dict, dataset: Dataset) -> bool:
@@ -454,13 +457,16 @@ def load_batches(dataset: Dataset, model_config: ModelConfig, config: TrainConfi
     store_px = round(model_config.image_size_px * 1.15) if config.augment else None
     train_split = load_split(dataset, "train", preprocess, store_px=store_px, strict=strict)
     val_split = load_split(dataset, "val", preprocess, strict=strict)
+    val_store = (load_split(dataset, "val", preprocess, store_px, strict=strict)
+                 if store_px else val_split)
+    train_and_val = TensorSplit(torch.cat([train_split.images, val_store.images]),
+                                torch.cat([train_split.labels, val_store.labels]))
     ae_split = None
-    if config.ae_images == "train+val" and (config.ae_epochs or config.dec_epochs):
+    if config.cls_images == "train+val":  # every phase trains on both
+        train_split = train_and_val
+    elif config.ae_images == "train+val" and (config.ae_epochs or config.dec_epochs):
         # Val images join phases 1 and 3 without their labels; they still choose nothing there.
-        val_store = (load_split(dataset, "val", preprocess, store_px, strict=strict)
-                     if store_px else val_split)
-        ae_split = TensorSplit(torch.cat([train_split.images, val_store.images]),
-                               torch.cat([train_split.labels, val_store.labels]))
+        ae_split = train_and_val
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     return Batches(train_split, val_split, preprocess, config.augment, memory_format=layout,
                    ae_train=ae_split, crop_scale_min=config.crop_scale_min)
@@ -515,6 +521,7 @@ def _run_phases(run: _Run, model: FlowAE, record: _Record, state: dict | None,
 
     config, batches = run.config, run.batches
     val_inputs = float_inputs(batches.val, batches.preprocess, run.device, batches.memory_format)
+    scores_val = config.cls_images == "train"  # val top-1 means nothing once trained on
     epochs_run = 0
     started = time.perf_counter()
     totals = (config.ae_epochs, config.cls_epochs, config.dec_epochs)
@@ -535,16 +542,18 @@ def _run_phases(run: _Run, model: FlowAE, record: _Record, state: dict | None,
                 return True
             tick = time.perf_counter()
             row = {"epoch": epoch, **phase_run.train_epoch(epoch, bar)}
-            val = evaluate_model(model, batches.val, batches.preprocess, config.eval_batch_size,
-                                 run.device, run.dist, channels_last=config.channels_last,
-                                 inputs=val_inputs)
-            row.update({f"val_{k}": v for k, v in val.items()})
+            if scores_val or phase != "cls":  # a reconstruction MSE is still worth watching
+                val = evaluate_model(model, batches.val, batches.preprocess,
+                                     config.eval_batch_size, run.device, run.dist,
+                                     channels_last=config.channels_last, inputs=val_inputs)
+                row.update({f"val_{k}": v for k, v in val.items()})
             row["seconds"] = time.perf_counter() - tick
             record.history[phase].append(row)
             record.done[phase] = epoch
             epochs_run += 1
+            shown = row.get("val_top1" if phase == "cls" else "val_recon_mse")
             bar.set_postfix(loss=f"{row['train_loss']:.4f}",
-                            val=f"{val['top1'] if phase == 'cls' else val['recon_mse']:.3g}")
+                            **({} if shown is None else {"val": f"{shown:.3g}"}))
             _save(run, model, record, phase, phase_run.optimizer,
                   record.seconds_before + time.perf_counter() - started)
     record.seconds_before += time.perf_counter() - started
@@ -605,7 +614,7 @@ def train(
     run_dir = Path(run_dir)
     device = dist.device(resolve_device(config.device))
     dataset = data if isinstance(data, Dataset) else open_training_data(Path(data))
-    _check_dataset(model_config, dataset)
+    _check_dataset(model_config, config, dataset)
     has_run = (run_dir / CHECKPOINT_NAME).exists()
     _check_every_rank_sees_the_same(dist, has_run, dataset)
     if has_run and not resume:

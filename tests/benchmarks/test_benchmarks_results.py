@@ -71,3 +71,24 @@ def test_command_column_reproduces_the_runs_training_options(fake_root, tmp_path
     from flowae.checkpoint import load_checkpoint
 
     assert load_checkpoint(replay)["train_config"] == config
+
+
+def test_a_run_that_trained_on_val_shows_no_val_figure_and_plots(tiny_runs, tmp_path):
+    from flowae.config import RECIPES
+
+    trained_on_val = tmp_path / "trainval"
+    trained_on_val.mkdir()
+    config = {**RECIPES["modern"].to_dict(), "cls_images": "train+val"}
+    (trained_on_val / "metrics.json").write_text(json.dumps({
+        "variant": "res16", "train_config": config, "parameters": 1,
+        "history": {"ae": [], "cls": [{"epoch": 1, "train_top1": 5.0}], "dec": []},
+        "test": {"top1": 3.0, "top5": 9.0, "recon_mse": 0.1}, "train_seconds": 60.0,
+        "data_load_seconds": 1.0, "device": "cpu"}))
+    picture = tmp_path / "runs.png"
+    done = results(tiny_runs["upsample"], trained_on_val, "--plot", picture)
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()[2:]
+    assert [row.split("|")[4].strip() for row in rows][1] == "trained on val"
+    assert "--set cls_images=train+val" in rows[1]
+    assert "nan" not in rows[0]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
+from flowae.config import TrainConfig
 from flowae.data import load_split, preprocess_for, to_float
 from flowae.export import ExportOptions, export_model
 from flowae.export.resize import RESIZE_CANDIDATES_PCT, candidate_sizes, choose
+from flowae.models import get_variant
 from flowae.runtime.contract import ROLE_ENCODER_CLASSIFIER, graph_file
-from flowae.runtime.errors import DataError
+from flowae.runtime.errors import DataError, ExportError
 from flowae.runtime.predictor import Predictor, load_graph
+from flowae.train import train
 
 RESIZE = 120  # the fake JPEGs are larger than this on their shorter side
 
@@ -87,11 +90,29 @@ def test_auto_resize_is_the_best_val_top1_of_its_sweep(tiny_runs, fake_root, tmp
     assert metadata.preprocess.resize_px == resize["resize_px"]
 
 
+def test_a_model_trained_on_val_takes_a_given_resize_and_says_what_it_saw(fake_root,
+                                                                           tmp_path):
+    run_dir = tmp_path / "trainval"
+    config = TrainConfig(ae_epochs=1, cls_epochs=1, batch_size=8, device="cpu",
+                         cls_images="train+val")
+    train(get_variant("res16"), config, fake_root, run_dir, progress=False)
+    with pytest.raises(ExportError, match="trained on the val split"):
+        export_model(run_dir, tmp_path / "auto", ExportOptions(data_root=fake_root,
+                                                                 resize_px="auto"))
+    assert not (tmp_path / "auto").exists()
+    manifest = export_model(run_dir, tmp_path / "model",
+                            ExportOptions(data_root=fake_root, resize_px=RESIZE,
+                                          latency_rounds=2))
+    assert manifest["trained_on_splits"] == ["train", "val"]
+    assert manifest["resize"] == {"resize_px": RESIZE, "chosen_by": "--resize-px"}
+    assert manifest["checkpoint"]["train_config"]["cls_images"] == "train+val"
+
+
 def test_choose_breaks_ties_to_the_smaller_size():
     rows = [{"resize_px": 121, "top1": 50.0}, {"resize_px": 107, "top1": 50.0},
             {"resize_px": 100, "top1": 40.0}]
     assert choose(rows)["resize_px"] == 107
-    assert candidate_sizes(32) == (32, 34, 36, 39, 41)
+    assert candidate_sizes(32) == (32, 34, 36, 39, 41, 43, 45)
 
 
 def test_a_fixed_resize_is_recorded_as_chosen_by_the_option(resized_export):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from flowae.checkpoint import load_checkpoint, model_from_checkpoint
 from flowae.cli import main
 from flowae.config import RECIPES, TrainConfig, default_recipe
+from flowae.data import open_training_data
 from flowae.models import VARIANTS, ModelConfig, build_model, get_variant
 from flowae.runtime.errors import CheckpointError, FlowaeError
 from flowae.train import WARMUP_FRACTION, augment_batch, cutmix, learning_rate, train
@@ -164,6 +165,41 @@ def test_train_plus_val_images_feed_the_autoencoder_phases(modern_runs, root, tm
     assert steps == {"train": {2.0}, "train+val": {3.0}}
 
 
+def test_train_plus_val_labels_feed_every_phase_and_val_scores_nothing(root, tmp_path,
+                                                                       class_folders):
+    # 12 train + 4 val images in batches of 6: 3 steps per epoch in every phase.
+    config = replace(MODERN, cls_images="train+val", ae_images="train", dec_epochs=1)
+    result = run(root, tmp_path / "trainval", config)
+    history = result.history
+    for phase in ("ae", "cls", "dec"):
+        assert [row["epoch"] for row in history[phase]] == list(
+            range(1, getattr(config, f"{phase}_epochs") + 1))
+    assert all("val_top1" not in row and "val_loss" not in row for row in history["cls"])
+    assert all("val_recon_mse" in row for row in history["ae"] + history["dec"])
+    assert result.metrics["test_split"] == "test" and 0 <= result.test["top1"] <= 100
+    state = load_checkpoint(tmp_path / "trainval")
+    assert state["train_config"]["cls_images"] == "train+val"
+    # Phase 2 learned val's labels: the run's plots still draw (train curves only).
+    assert (tmp_path / "trainval" / "accuracy.png").stat().st_size > 0
+
+    steps = {}
+    for images in ("train", "train+val"):
+        run_dir = tmp_path / f"steps-{images}"
+        one_phase = replace(MODERN, ae_epochs=0, dec_epochs=0, cls_epochs=1, cls_images=images)
+        run(root, run_dir, one_phase)
+        optimizer = load_checkpoint(run_dir)["optimizer"]["state"]
+        steps[images] = {float(s["step"]) for s in optimizer.values()}
+    assert steps == {"train": {2.0}, "train+val": {3.0}}
+
+    # Without a test split no held-out image would be left: refused before any training.
+    no_test = class_folders.make("single", per_class=6)
+    with pytest.raises(FlowaeError, match="no test split"):
+        train(get_variant("res16", num_classes=len(class_folders.classes)), config,
+              open_training_data(no_test, class_folders=True), tmp_path / "no-test",
+              progress=False)
+    assert not (tmp_path / "no-test").exists()
+
+
 def test_unknown_saved_training_options_are_a_one_line_checkpoint_error():
     saved = {**TrainConfig().to_dict(), "ema_decay": 0.999}
     with pytest.raises(CheckpointError, match="ema_decay") as info:
@@ -174,7 +210,8 @@ def test_unknown_saved_training_options_are_a_one_line_checkpoint_error():
 @pytest.mark.parametrize(
     "change, message",
     [({"optimizer": "sgd"}, "optimizer must be one of"), ({"schedule": "step"}, "schedule"),
-     ({"ae_images": "test"}, "ae_images"), ({"label_smoothing": 1.0}, "label smoothing"),
+     ({"ae_images": "test"}, "ae_images"), ({"cls_images": "val"}, "cls_images"),
+     ({"label_smoothing": 1.0}, "label smoothing"),
      ({"dec_epochs": -1}, "epochs"), ({"crop_scale_min": 0.0}, "crop_scale_min")],
 )
 def test_bad_recipe_fields_are_refused(change, message):
